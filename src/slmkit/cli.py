@@ -1,0 +1,228 @@
+"""`slm <verb>`: the command line. Each verb is a small function; heavy modules load lazily.
+
+Errors meant for the user (`SlmError`) print as one line and exit with status 2; `--debug` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from slmkit.presets import DEFAULT_MODEL
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slmkit never downloads models
+DTYPES = ("bfloat16", "float32")
+
+
+def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    help_text = (f"GGUF file, Hugging Face directory or preset name (`slm presets`); "
+                 f"'{DEFAULT_MODEL}' is the bundled SmolLM2-135M-Instruct")
+    if optional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=help_text + " (default)")
+    else:
+        p.add_argument("model", help=help_text)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="weight precision in memory (default bfloat16: half the memory traffic of float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--context", type=int, default=None,
+                   help="maximum tokens in the context (default: the model's own limit)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: ~1.4x faster decoding after ~1 min of compiling")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 for variety")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slm", description="slmkit: small language models on your CPU, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt (streams to stdout)")
+    _add_model(p)
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
+    _add_runtime(p)
+    _add_sampling(p, 128)
+
+    p = sub.add_parser("chat", help="talk to a model (/reset, /system TEXT, /exit)")
+    _add_model(p, optional=True)
+    p.add_argument("--system", default=None, help="system message for the conversation")
+    _add_runtime(p)
+    _add_sampling(p, 512)
+
+    p = sub.add_parser("info", help="model card: architecture, parameters, file and memory sizes")
+    _add_model(p, optional=True)
+
+    p = sub.add_parser("size", help="parameters, weight memory and KV-cache memory at a precision")
+    _add_model(p)
+    p.add_argument("--bits", type=int, default=16, help="bits per weight (4, 8, 16, 32)")
+    p.add_argument("--group-size", type=int, default=32, help="weights per quantization scale (below 16 bits)")
+    p.add_argument("--context", type=int, default=4096, help="tokens held in the KV cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
+    p.add_argument("--kv-bits", type=int, default=16, help="bits per KV-cache value")
+
+    sub.add_parser("presets", help="list the named architectures")
+
+    p = sub.add_parser("convert", help="convert between GGUF and Hugging Face directories")
+    p.add_argument("src", help="GGUF file, HF directory or preset with weights")
+    p.add_argument("dst", help="OUT.gguf for GGUF, anything else for an HF directory")
+    p.add_argument("--type", choices=("f32", "f16"), default="f16", help="GGUF tensor type for matrices")
+    p.add_argument("--dtype", choices=DTYPES + ("float16",), default="float32",
+                   help="safetensors precision for an HF directory")
+
+    p = sub.add_parser("demo", help="the guided tour on the bundled model")
+    p.add_argument("--max-tokens", type=int, default=96, help="new tokens per answer")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from slmkit.errors import SlmError
+
+    try:
+        return VERBS[args.verb](args) or 0
+    except SlmError as err:
+        if args.debug:
+            raise
+        print(f"slm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _load_generator(args):
+    import torch
+
+    from slmkit.generate import TextGenerator
+    from slmkit.load import load
+
+    _setup_threads(args)
+    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    return loaded, TextGenerator(loaded.model, loaded.tokenizer, args.context, compile=args.compile)
+
+
+def _sampling(args):
+    from slmkit.infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    _, gen = _load_generator(args)
+    params = _sampling(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = gen.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])
+    else:
+        sys.stdout.write(prompt)
+
+    def show(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = gen.complete([prompt], params, args.stop, show, truncate=args.truncate)[0]
+    g = result.generation
+    print(file=sys.stdout)
+    print(f"[{result.prompt_tokens} prompt tokens in {g.prefill_seconds:.2f}s, {result.completion_tokens} new "
+          f"at {g.decode_tokens_per_second:.1f} tokens/s, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from slmkit.chat import run_chat
+
+    loaded, gen = _load_generator(args)
+    return run_chat(gen, _sampling(args), args.system, args.stop, name=loaded.model.config.name or args.model)
+
+
+def cmd_info(args) -> int:
+    from slmkit.card import print_card
+    from slmkit.load import load
+
+    print_card(load(args.model, allow_random=True))
+    return 0
+
+
+def cmd_size(args) -> int:
+    from slmkit.card import print_size
+    from slmkit.load import load_config
+
+    print_size(load_config(args.model), args.bits, args.group_size, args.context, args.batch, args.kv_bits)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from slmkit.card import print_presets
+
+    print_presets()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from slmkit.load import load
+
+    loaded = load(args.src, dtype=torch.float32)
+    if args.dst.endswith(".gguf"):
+        from slmkit.interop.gguf import write_gguf
+
+        if loaded.tokenizer is None:
+            from slmkit.errors import SlmError
+
+            raise SlmError(f"'{args.src}' has no tokenizer; a GGUF file needs one")
+        out = write_gguf(loaded.model, loaded.tokenizer, args.dst, args.type)
+    else:
+        from slmkit.interop.hf import save_hf
+
+        out = save_hf(loaded.model, loaded.tokenizer, args.dst, getattr(torch, args.dtype))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from slmkit.demo import run_demo
+
+    _setup_threads(args)
+    return run_demo(max_tokens=args.max_tokens)
+
+
+VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
+         "presets": cmd_presets, "convert": cmd_convert, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Typed configuration: dataclass trees, YAML files and `a.b=value` overrides.
+
+Every config in slmkit is a plain dataclass. `from_dict` builds one from a nested dict and refuses
+unknown keys (with the closest known name), so a typo in a YAML recipe is an error, not a silent
+default. `ModelConfig` lives here too: the architecture, with field names as in a Hugging Face
+`config.json`, so checkpoints map onto it without a rename table.
+
+This module does not know about models, training or files beyond YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from slmkit.errors import SlmError, unknown_choice
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic machinery
+# --------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise SlmError(f"config{where or ''}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise unknown_choice(f"config key{' in ' + where if where else ''}", key, names)
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against a type hint, converting ints to floats and dicts to dataclasses."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except SlmError:
+                continue
+        raise SlmError(f"config '{where}': {value!r} is not a valid {_hint_name(hint)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise SlmError(f"config '{where}': expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise SlmError(f"config '{where}': expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, bool):
+        raise SlmError(f"config '{where}': expected an integer, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise SlmError(f"config '{where}': expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _hint_name(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint) if a is not type(None))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict of a dataclass config (what YAML and JSON writers want)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML (`3`, `1e-3`, `[1,2]`)."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SlmError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SlmError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """`cls` from an optional YAML file plus `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SlmError(f"config file '{path}' not found")
+        data = yaml.safe_load(path.read_text()) or {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+# --------------------------------------------------------------------------------------------
+# The model architecture
+# --------------------------------------------------------------------------------------------
+
+PerLayer = int | list[int]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer; field names follow Hugging Face `config.json`.
+
+    Three fields may be per-block lists instead of one number (OpenELM's layer-wise scaling):
+    `num_attention_heads`, `num_key_value_heads` and `intermediate_size`.
+    """
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: PerLayer = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: PerLayer = 9
+    num_key_value_heads: PerLayer | None = None  # None: as many as query heads (MHA); 1 is MQA
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q, k, v (and o unless attention_out_bias says otherwise)
+    attention_out_bias: bool | None = None  # None: same as attention_bias; Qwen2 has False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # on embeddings and on each residual branch
+    sliding_window: int | None = None  # a query sees itself and the window-1 tokens before it
+    num_local_experts: int = 0  # 0: dense MLP; >0: Mixtral-style routed experts
+    num_experts_per_tok: int = 2
+    block_repeats: int = 1  # each stored block is applied this many times in a row (weight sharing)
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    model_type: str = "llama"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_hidden_layers % self.block_repeats:
+            raise SlmError(
+                f"num_hidden_layers={self.num_hidden_layers} is not a multiple of "
+                f"block_repeats={self.block_repeats}"
+            )
+        for i in range(self.num_blocks):
+            heads, kv = self.heads(i), self.kv_heads(i)
+            if heads % kv:
+                raise SlmError(f"block {i}: {heads} attention heads do not split into {kv} key/value groups")
+        if self.head_dim is None and self.hidden_size % self.heads(0):
+            raise SlmError(f"hidden_size={self.hidden_size} is not divisible by {self.heads(0)} heads; set head_dim")
+        if self.num_local_experts and self.num_experts_per_tok > self.num_local_experts:
+            raise SlmError("num_experts_per_tok is larger than num_local_experts")
+
+    @property
+    def num_blocks(self) -> int:
+        """Distinct blocks with their own weights (layers / block_repeats)."""
+        return self.num_hidden_layers // self.block_repeats
+
+    def _per_block(self, value: PerLayer, block: int, name: str) -> int:
+        if isinstance(value, int):
+            return value
+        if len(value) != self.num_blocks:
+            raise SlmError(f"{name} has {len(value)} entries but the model has {self.num_blocks} blocks")
+        return value[block]
+
+    def heads(self, block: int) -> int:
+        return self._per_block(self.num_attention_heads, block, "num_attention_heads")
+
+    def kv_heads(self, block: int) -> int:
+        if self.num_key_value_heads is None:
+            return self.heads(block)
+        return self._per_block(self.num_key_value_heads, block, "num_key_value_heads")
+
+    def ffn_size(self, block: int) -> int:
+        return self._per_block(self.intermediate_size, block, "intermediate_size")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.heads(0)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every block has the same shape and none is shared: a plain HF Llama layout."""
+        lists = (self.num_attention_heads, self.num_key_value_heads, self.intermediate_size)
+        return self.block_repeats == 1 and not any(isinstance(v, list) for v in lists)
+
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+

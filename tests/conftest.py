@@ -1,0 +1,75 @@
+"""Shared fixtures: the bundled SmolLM2 (loaded once), its transformers twin, tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct from the bundled GGUF, fp32 (the parity reference precision)."""
+    from slmkit.load import load
+
+    return load("smollm2-135m-instruct", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """transformers' own GGUF loader on the same file, weights dequantized to fp32."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils.quantization_config import GgufConfig
+
+    from slmkit.load import bundled_gguf
+
+    path = bundled_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+@pytest.fixture
+def tiny_model():
+    """A random tiny GQA model (fp32) for fast engine tests."""
+    from slmkit.load import random_model
+    from slmkit.presets import get_preset
+
+    return random_model(get_preset("tiny").config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A throwaway byte-level BPE trained in-process (GPT-2 pre-tokenizer, ChatML special tokens)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, trainers
+
+    from slmkit.tokenizer import CHATML_TEMPLATE, Tokenizer, make_pre_tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = make_pre_tokenizer("gpt-2")
+    backend.decoder = decoders.ByteLevel()
+    from tokenizers import pre_tokenizers
+
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["Once upon a time there was a little robot who liked to count: 1, 2, 3, 42, 1000."] * 50
+    backend.train_from_iterator(text, trainer)
+    return Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0, chat_template=CHATML_TEMPLATE,
+                     pre="gpt-2")

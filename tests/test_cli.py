@@ -1,0 +1,102 @@
+"""The `slm` command line: outputs, one-line errors, conversions; memory-light loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slmkit.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def slm(*args, input_text=None):
+    return subprocess.run([sys.executable, "-m", "slmkit.cli", *args], capture_output=True, text=True,
+                          env=ENV, input=input_text, timeout=300)
+
+
+def test_size_mistral_7b_4bit(capsys):
+    assert main(["size", "mistral-7b", "--bits", "4", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "7,241,732,096" in out and "4.07 GB" in out
+    assert "536.87 MB" in out  # KV cache: 32 layers x 2 x 8 x 128 x 4096 tokens x 2 bytes
+
+
+def test_presets_lists_every_family(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral-8x7b" in out and "openelm-270m" in out and "46.70B" in out
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    missing = slm("generate", str(tmp_path / "missing.gguf"), "hi")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().count("\n") == 0 and "not found" in missing.stderr
+    (tmp_path / "bad.gguf").write_text("nope")
+    bad = slm("info", str(tmp_path / "bad.gguf"))
+    assert bad.returncode == 2 and "is not a GGUF file" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = slm("size", "smollm-135")
+    assert unknown.returncode == 2 and "Did you mean" in unknown.stderr
+
+
+def test_generate_info_and_convert_on_a_tiny_model(tmp_path, tiny_tokenizer):
+    from slmkit.interop.hf import save_hf
+    from slmkit.load import random_model
+    from slmkit.presets import get_preset
+
+    model = random_model(get_preset("tiny").config, seed=0)
+    save_hf(model, tiny_tokenizer, tmp_path / "hf")
+    out = slm("generate", str(tmp_path / "hf"), "Once upon a time", "--max-tokens", "5", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Once upon a time") and "tokens/s" in out.stderr
+    card = slm("info", str(tmp_path / "hf"))
+    assert card.returncode == 0 and "106,816" in card.stdout
+    converted = slm("convert", str(tmp_path / "hf"), str(tmp_path / "tiny.gguf"), "--type", "f32")
+    assert converted.returncode == 0, converted.stderr
+    back = slm("convert", str(tmp_path / "tiny.gguf"), str(tmp_path / "hf2"))
+    assert back.returncode == 0, back.stderr
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_chat_reads_stdin(tmp_path, tiny_tokenizer):
+    from slmkit.interop.hf import save_hf
+    from slmkit.load import random_model
+    from slmkit.presets import get_preset
+
+    save_hf(random_model(get_preset("tiny").config), tiny_tokenizer, tmp_path)
+    out = slm("chat", str(tmp_path), "--max-tokens", "4", input_text="hello\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "assistant> " in out.stdout and "tokens/s" in out.stdout
+
+
+MEMORY_PROBE = """
+import resource, torch
+from slmkit.load import load
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+torch.zeros(1) @ torch.zeros(1)  # finish torch's lazy setup before the baseline
+base = rss()
+loaded = load('smollm2-135m-instruct', dtype=torch.float32)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(p.numel() * 4 for p in loaded.model.parameters())
+print(base, peak, weights)
+"""
+
+
+def test_loading_smollm2_needs_at_most_twice_the_weights():
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, env=ENV, timeout=300)
+    base, peak, weights = map(int, out.stdout.split())
+    assert peak - base <= 2 * weights, f"load peak {(peak - base) / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "size", "convert", "info"])
+def test_help_explains_each_verb(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: slm " + verb in capsys.readouterr().out
