@@ -30,7 +30,8 @@ from slmkit.infer.sampling import SamplingParams  # noqa: E402
 from slmkit.load import bundled_gguf, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "corpus" / "tinystories" / "tinystories_train_sample.txt"
+DATA = (Path(os.environ.get("SLMKIT_DATA_DIR", ROOT.parent / "shared" / "data"))
+        / "corpus" / "tinystories" / "tinystories_train_sample.txt")
 
 
 def cpu_name() -> str:

@@ -11,7 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The shared data sets live beside the checkout (../shared/data); SLMKIT_DATA_DIR points elsewhere.
+DATA = Path(os.environ.get("SLMKIT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,12 @@ def test_size_mistral_7b_4bit(capsys):
     assert "536.87 MB" in out  # KV cache: 32 layers x 2 x 8 x 128 x 4096 tokens x 2 bytes
 
 
+def test_info_on_a_big_preset_reads_no_weights(capsys):
+    assert main(["info", "mixtral-8x7b"]) == 0  # 46.7B parameters: would need 187 GB if built
+    out = capsys.readouterr().out
+    assert "46,702,792,704" in out and "8 experts, top 2" in out
+
+
 def test_presets_lists_every_family(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slmkit.config import ModelConfig
-from slmkit.load import Loaded
+from slmkit.load import Source
 from slmkit.presets import PRESETS
 from slmkit.sizing import count_params, human_bytes, human_count, kv_cache_bytes, weight_bytes
 
@@ -40,22 +40,25 @@ def architecture_rows(c: ModelConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def print_card(loaded: Loaded) -> None:
-    c = loaded.model.config
+def print_card(source: Source) -> None:
+    c = source.config
     params = count_params(c)
     table = Table(title=f"{c.name or 'model'}  ({c.model_type})", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
-    table.add_row("source", loaded.source)
+    table.add_column(overflow="fold")
+    table.add_row("source", source.path)
     for key, value in architecture_rows(c):
         table.add_row(key, value)
     table.add_row("parameters", f"{params.total:,} ({human_count(params.total)}; "
                                 f"{human_count(params.non_embedding)} without embeddings)")
-    if loaded.file_bytes:
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted((loaded.tensor_types or {}).items()))
-        table.add_row("file size", human_bytes(loaded.file_bytes) + (f"  ({kinds} tensors)" if kinds else ""))
-    memory = "   ".join(f"{name} {human_bytes(weight_bytes(params.total, bits))}" for name, bits in PRECISIONS)
-    table.add_row("weight memory", memory)
+    if source.file_bytes:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted((source.tensor_types or {}).items()))
+        table.add_row("file size", human_bytes(source.file_bytes) + (f"  ({kinds} tensors)" if kinds else ""))
+    def memory(names):
+        return "   ".join(f"{n} {human_bytes(weight_bytes(params.total, b))}" for n, b in PRECISIONS if n in names)
+
+    table.add_row("weights", memory(("fp32", "bf16")))
+    table.add_row("weights quantized", memory(("int8", "int4")) + "  (+16-bit scale per 32)")
     table.add_row("KV cache (bf16)", f"{human_bytes(kv_cache_bytes(c, 1024))} per 1k tokens")
     console.print(table)
 

@@ -166,22 +166,22 @@ def cmd_chat(args) -> int:
     from slmkit.chat import run_chat
 
     loaded, gen = _load_generator(args)
-    return run_chat(gen, _sampling(args), args.system, args.stop, name=loaded.model.config.name or args.model)
+    return run_chat(gen, _sampling(args), args.system, args.stop, name=loaded.source.config.name or args.model)
 
 
 def cmd_info(args) -> int:
     from slmkit.card import print_card
-    from slmkit.load import load
+    from slmkit.load import inspect
 
-    print_card(load(args.model, allow_random=True))
+    print_card(inspect(args.model))
     return 0
 
 
 def cmd_size(args) -> int:
     from slmkit.card import print_size
-    from slmkit.load import load_config
+    from slmkit.load import inspect
 
-    print_size(load_config(args.model), args.bits, args.group_size, args.context, args.batch, args.kv_bits)
+    print_size(inspect(args.model).config, args.bits, args.group_size, args.context, args.batch, args.kv_bits)
     return 0
 
 

@@ -28,9 +28,9 @@ def run_demo(model: str = DEFAULT_MODEL, max_tokens: int = 96) -> int:
     console.rule("[bold]1. load the bundled model")
     start = time.perf_counter()
     loaded = load(model, dtype=torch.bfloat16)
-    console.print(f"loaded {loaded.source} in {time.perf_counter() - start:.1f}s "
+    console.print(f"loaded {loaded.source.path} in {time.perf_counter() - start:.1f}s "
                   f"(weights held in bfloat16, {torch.get_num_threads()} threads)")
-    print_card(loaded)
+    print_card(loaded.source)
 
     console.rule("[bold]2. chat: three fixed prompts, greedy decoding")
     gen = TextGenerator(loaded.model, loaded.tokenizer)

