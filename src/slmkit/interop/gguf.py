@@ -164,7 +164,7 @@ def hf_name(gguf_name: str) -> str:
 
 
 def dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 in PyTorch order (out, in); the reader's data is a file memmap."""
+    """A GGUF tensor as a writable float32 array in PyTorch order (out, in)."""
     import gguf
 
     kind = tensor.tensor_type.name
@@ -172,13 +172,15 @@ def dequantize(tensor) -> np.ndarray:
         raise SlmError(f"GGUF tensor '{tensor.name}' has type {kind}, which slmkit cannot read "
                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    out = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    # F32 tensors come back as views of the read-only file map; copy those (and only those).
+    return out.copy() if np.may_share_memory(out, tensor.data) else out
 
 
 def read_tensors(reader, config: ModelConfig, dtype: torch.dtype):
     """Yield (hf_name, tensor) one at a time, un-permuting q/k and splitting expert stacks."""
     for t in reader.tensors:
-        weight = torch.from_numpy(np.array(dequantize(t), copy=True))
+        weight = torch.from_numpy(dequantize(t))
         base = t.name.rsplit(".", 1)[0]
         kind = base.split(".")[-1]
         if kind in EXPERT_NAMES:  # (E, out, in) -> one Linear per expert
