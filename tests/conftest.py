@@ -74,3 +74,33 @@ def tiny_tokenizer():
     backend.train_from_iterator(text, trainer)
     return Tokenizer(backend, bos_token_id=1, eos_token_id=2, pad_token_id=0, chat_template=CHATML_TEMPLATE,
                      pre="gpt-2")
+
+
+@pytest.fixture(scope="session")
+def story_docs(data_dir) -> list[str]:
+    from slmkit.data.readers import read_documents
+
+    return list(read_documents(data_dir / "corpus" / "tinystories" / "tinystories_train_sample.txt"))[:400]
+
+
+@pytest.fixture(scope="session")
+def story_tokenizer_dir(tmp_path_factory, story_docs):
+    """A 512-token BPE trained in-process on 400 TinyStories."""
+    from slmkit.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(story_docs, 512, show_progress=False).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def story_data(tmp_path_factory, story_docs, story_tokenizer_dir):
+    """400 TinyStories prepared into shards with the 512-token tokenizer."""
+    from slmkit.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("stories")
+    corpus = root / "stories.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(story_docs))
+    out = root / "prepared"
+    prepare(PrepareConfig(inputs=[str(corpus)], out=str(out), tokenizer=str(story_tokenizer_dir)), log=lambda *_: None)
+    return out

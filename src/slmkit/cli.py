@@ -14,6 +14,7 @@ from slmkit.presets import DEFAULT_MODEL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slmkit never downloads models
 DTYPES = ("bfloat16", "float32")
+HELP_WANTED = False  # set by main(): build the (costly) config listings only for --help
 
 
 def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -88,13 +89,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES + ("float16",), default="float32",
                    help="safetensors precision for an HF directory")
 
+    p = sub.add_parser("prepare", help="filter, de-duplicate, split, tokenize and pack text into shards",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_help("PrepareConfig", "slmkit.data.prepare"))
+    p.add_argument("items", nargs="*", metavar="INPUT|key=value",
+                   help="files, globs or directories to read, and key=value settings (listed below)")
+    p.add_argument("--config", help="YAML file with settings (key=value arguments override it)")
+    p.add_argument("--tokenizer", help="tokenizer.json directory or model (default: the bundled SmolLM2)")
+    p.add_argument("--out", help="output directory")
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = p.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
+    p = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer and report its compression")
+    p.add_argument("inputs", nargs="+", help="files, globs or directories of text")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary")
+    p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out to measure compression")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out split")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.csv/.parquet records")
+    p.add_argument("--separator", default="auto", help="document separator in .txt files")
+
+    p = sub.add_parser("pretrain", help="train a model from scratch on prepared data",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_help("PretrainConfig", "slmkit.train.pretrain"))
+    p.add_argument("--config", help="YAML recipe, e.g. configs/pretrain/tinystories-10m.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the recipe")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+
+    p = sub.add_parser("plot", help="plot train/validation loss and learning rate of a run")
+    p.add_argument("run", help="run directory (holds metrics.jsonl)")
+
     p = sub.add_parser("demo", help="the guided tour on the bundled model")
     p.add_argument("--max-tokens", type=int, default=96, help="new tokens per answer")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return parser
 
 
+def _config_help(cls_name: str, module: str) -> str | None:
+    """The settings of a config dataclass, for `--help` only (it imports the module, maybe torch)."""
+    if not HELP_WANTED:
+        return None
+    import importlib
+
+    from slmkit.config import describe
+
+    return "settings (key=value, nested with dots):\n" + "\n".join(
+        describe(getattr(importlib.import_module(module), cls_name)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    global HELP_WANTED
+    argv = sys.argv[1:] if argv is None else argv
+    HELP_WANTED = "-h" in argv or "--help" in argv
     args = build_parser().parse_args(argv)
     from slmkit.errors import SlmError
 
@@ -214,6 +260,64 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from slmkit.config import load_config
+    from slmkit.data.prepare import PrepareConfig, prepare, print_report
+
+    overrides = [item for item in args.items if "=" in item]
+    inputs = [item for item in args.items if "=" not in item]
+    cfg = load_config(PrepareConfig, args.config, overrides)
+    if inputs:
+        cfg.inputs = inputs
+    cfg.tokenizer = args.tokenizer or cfg.tokenizer
+    cfg.out = args.out or cfg.out
+    print_report(prepare(cfg), cfg.out)
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from slmkit.data.prepare import split_documents
+    from slmkit.data.readers import expand_inputs, read_documents
+    from slmkit.tokenizer import bytes_per_token, train_tokenizer
+
+    docs = [d for f in expand_inputs(args.inputs) for d in read_documents(f, args.text_field, args.separator)]
+    if not docs:
+        from slmkit.errors import SlmError
+
+        raise SlmError("the inputs hold no documents")
+    train_ids, val_ids = split_documents(list(range(len(docs))), args.val_fraction, args.seed)
+    tokenizer = train_tokenizer((docs[i] for i in train_ids), args.vocab_size)
+    tokenizer.save(args.out)
+    held_out = [docs[i] for i in val_ids] or docs
+    print(f"wrote {args.out}/tokenizer.json: {tokenizer.vocab_size} tokens, "
+          f"{bytes_per_token(tokenizer, held_out):.2f} bytes per token on {len(held_out)} held-out documents")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from slmkit.config import load_config
+    from slmkit.train import dist
+    from slmkit.train.pretrain import PretrainConfig, run
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    try:
+        result = run(cfg, resume=args.resume)
+    finally:
+        dist.teardown()
+    s = result.state
+    best = f", best validation loss {s.best_val_loss:.4f} at step {s.best_step}" if s.best_val_loss else ""
+    print(f"stopped ({result.stop_reason}) at step {s.step} after {s.tokens:,} tokens{best}; "
+          f"model in {result.run_dir / 'final'}, curves in {result.run_dir / 'loss.png'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from slmkit.train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from slmkit.demo import run_demo
 
@@ -222,7 +326,8 @@ def cmd_demo(args) -> int:
 
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
-         "presets": cmd_presets, "convert": cmd_convert, "demo": cmd_demo}
+         "presets": cmd_presets, "convert": cmd_convert, "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
+         "pretrain": cmd_pretrain, "plot": cmd_plot, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

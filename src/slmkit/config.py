@@ -10,7 +10,11 @@ This module does not know about models, training or files beyond YAML.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -120,6 +124,40 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise SlmError(f"config file '{path}' not found")
         data = yaml.safe_load(path.read_text()) or {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (`x: int = 1` then `\"\"\"doc\"\"\"`)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per config key (nested with dots): `key (type, default): doc` -- for `--help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {docs.get(f.name, '')}".rstrip(": "))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,22 @@ def inspect(spec: str) -> Source:
     return _gguf_source(target, g.open_gguf(target))
 
 
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of MODEL, or of a directory holding tokenizer.json; no weights are read."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    target = resolve(spec)
+    tokenizer = None
+    if isinstance(target, Path) and target.is_file():
+        from slmkit.interop.gguf import open_gguf, read_tokenizer
+
+        tokenizer = read_tokenizer(open_gguf(target))
+    if tokenizer is None:
+        raise SlmError(f"'{spec}' has no tokenizer; give a tokenizer.json directory or a model that has one")
+    return tokenizer
+
+
 def _gguf_source(path: Path, reader) -> Source:
     from slmkit.interop.gguf import read_config
 

@@ -208,6 +208,42 @@ class Tokenizer:
                                eos_token=self.token(self.eos_token_id) or "")
 
 
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+
+
+def train_tokenizer(texts, vocab_size: int, special_tokens=SPECIAL_TOKENS, pre: str = "smollm",
+                    min_frequency: int = 2, show_progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE (`tokenizers`' BpeTrainer) on an iterable of documents.
+
+    The first special token is BOS and EOS (documents end with it), `<|pad|>` pads, and the chat
+    template is ChatML with `<|im_start|>`/`<|im_end|>`. Every byte is in the base alphabet, so any
+    text encodes; the pre-tokenizer is one llama.cpp knows, so GGUF export works.
+    """
+    from tokenizers import trainers
+
+    special = list(special_tokens)
+    if vocab_size < 256 + len(special):
+        raise SlmError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+                       f"plus {len(special)} special tokens")
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = make_pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    backend.train_from_iterator(texts, trainer)
+    ids = {tok: backend.token_to_id(tok) for tok in special}
+    return Tokenizer(backend=backend, bos_token_id=ids[special[0]], eos_token_id=ids[special[0]],
+                     pad_token_id=ids.get("<|pad|>", ids[special[0]]), chat_template=CHATML_TEMPLATE,
+                     pre=PRE_ALIASES.get(pre, pre))
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
+    """Compression: UTF-8 bytes per token over `texts` (higher is better)."""
+    n_bytes = sum(len(t.encode()) for t in texts)
+    n_tokens = sum(len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False))
+    return n_bytes / max(n_tokens, 1)
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
     """Jinja2 in a sandbox with the settings transformers uses (trim_blocks, lstrip_blocks)."""
     from jinja2.exceptions import TemplateError

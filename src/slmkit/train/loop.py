@@ -1,0 +1,274 @@
+"""THE training loop, shared by pretraining, distillation and fine-tuning.
+
+A recipe builds a model, a batch source and a loss function and calls `train`. The loop owns
+everything else: AdamW groups, the learning-rate schedule, gradient accumulation and clipping,
+mixed precision, optional torch.compile, data parallelism (under torchrun), evaluation, early
+stopping, checkpoints, exact resume, the progress bar, metrics.jsonl and the loss plot.
+
+What it deliberately does not know: where batches come from (any object with
+`batch(step, micro, rank) -> dict`) and what the loss is (`loss_fn(model, batch)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from slmkit.errors import SlmError
+from slmkit.layers import cpu_has_native_bf16
+from slmkit.train import dist
+from slmkit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, truncate_metrics
+from slmkit.train.losses import lm_loss
+from slmkit.train.optim import build_optimizer, lr_at
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+# Settings that decide which windows and random numbers a step sees: a resume must keep them.
+RESUME_KEYS = ("seed", "micro_batch_size", "grad_accum", "seq_len")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on each data-parallel rank."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step (global batch = micro_batch_size x grad_accum x ranks)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine / decay phase."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay) or constant."""
+    decay_fraction: float = 0.2
+    """wsd only: final share of the steps spent decaying to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (never on biases and norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    precision: str = "auto"
+    """fp32, bf16 (autocast) or auto: bf16 where the hardware has bf16 units, else fp32."""
+    compile: bool = False
+    """torch.compile the model (faster steps after a compile of a minute or two)."""
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    """torch.compile mode; max-autotune lets Inductor fuse elementwise work into its GEMM kernels."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cpu or cuda."""
+    seed: int = 1337
+    """Seed of the data order and dropout (the model's init seed is the recipe's)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+    eval_every: int = 100
+    """Evaluate on the validation batches every N steps (0 = never)."""
+    eval_tokens: int = 65536
+    """Validation tokens per evaluation."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints to keep on disk (the best one is kept besides)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement (0 = never stop early)."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest drop in validation loss that counts as an improvement."""
+    time_limit_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much training time (0 = no limit)."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainerState
+    run_dir: Path
+    stop_reason: str  # "steps", "early_stopping" or "time_limit"
+
+
+def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokenizer=None, *,
+          loss_fn: LossFn = lm_loss, val_batches: list[dict] | None = None, resume: bool = False) -> TrainResult:
+    """Train `model` in place on `data.batch(step, micro, rank)`; see the module docstring."""
+    info = dist.setup(cfg.device)
+    run = Path(run_dir)
+    _check_run_dir(run, resume)
+    model.to(info.device).train()
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    state = _resume(run, model, opt, cfg, info) if resume else _fresh(run, cfg, info)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
+    forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
+    amp = _autocast(cfg.precision, info.device)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="training", unit="step", disable=not info.is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    started, stop_reason = time.perf_counter() - state.elapsed_seconds, "steps"
+    while state.step < cfg.steps:
+        tick = time.perf_counter()
+        row = _step(forward, wrapped, model, opt, data, cfg, state.step, info, loss_fn, amp)
+        state.step += 1
+        state.tokens += tokens_per_step
+        state.elapsed_seconds = time.perf_counter() - started
+        row.update(step=state.step, tokens=state.tokens, tok_per_s=tokens_per_step / (time.perf_counter() - tick))
+        if info.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+            _log(run, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+        bar.update(1)
+        improved = False
+        if val_batches and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            improved, stop = _evaluate_and_track(forward, model, val_batches, amp, state, cfg, run, info)
+            stop_reason = "early_stopping" if stop else stop_reason
+        if cfg.time_limit_minutes and dist.any_rank(state.elapsed_seconds > 60 * cfg.time_limit_minutes):
+            stop_reason = "time_limit"
+        stopping = stop_reason != "steps" or state.step == cfg.steps
+        if improved or stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            _checkpoint(run, state, model, opt, tokenizer, cfg, info, best=improved)
+        if stop_reason != "steps":
+            break
+    bar.close()
+    if info.is_main:
+        from slmkit.interop.hf import save_hf
+
+        save_hf(model, tokenizer, run / "final")
+        _plot(run)
+    dist.barrier()
+    return TrainResult(state, run, stop_reason)
+
+
+# -- one optimizer step --------------------------------------------------------------------------
+
+
+def _step(forward, wrapped, model, opt, data, cfg: TrainConfig, step: int, info, loss_fn, amp) -> dict:
+    lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+               schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=info.device)
+    logs: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        batch = {k: v.to(info.device) for k, v in data.batch(step, micro, info.rank).items()}
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last or info.world == 1 else wrapped.no_sync()
+        with sync:
+            with amp:
+                loss, logs = loss_fn(forward, batch)
+            (loss / cfg.grad_accum).backward()
+        total += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mean_loss = dist.all_reduce_sum(total / cfg.grad_accum).item() / info.world
+    if not math.isfinite(mean_loss):
+        raise SlmError(f"the loss became {mean_loss} at step {step + 1}; lower lr or enable grad_clip")
+    return {"kind": "train", "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), **logs}
+
+
+@torch.no_grad()
+def evaluate(forward, model: nn.Module, batches: list[dict], amp=contextlib.nullcontext(),
+             device=torch.device("cpu")) -> float:
+    """Mean next-token loss over `batches` (summed over every rank's share)."""
+    from slmkit.train.losses import IGNORE
+
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+    for batch in batches:
+        with amp:
+            logits = forward(batch["input_ids"].to(device))
+        targets = batch["targets"].to(device)
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=IGNORE, reduction="sum")
+        totals += torch.stack([losses.double(), (targets != IGNORE).sum().double()])
+    model.train()
+    loss_sum, count = dist.all_reduce_sum(totals).tolist()
+    return loss_sum / max(count, 1)
+
+
+def _evaluate_and_track(forward, model, batches, amp, state: TrainerState, cfg: TrainConfig, run: Path, info):
+    """Evaluate, log, update best / early stopping. Returns (improved, should_stop)."""
+    val = evaluate(forward, model, batches, amp, info.device)
+    improved = state.best_val_loss is None or val < state.best_val_loss - cfg.early_stopping_min_delta
+    if improved:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = val, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+    if info.is_main:
+        _log(run, {"kind": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
+                   "best_val_loss": state.best_val_loss})
+        tqdm.write(f"step {state.step}: validation loss {val:.4f} (best {state.best_val_loss:.4f} "
+                   f"at step {state.best_step})")
+    patience = cfg.early_stopping_patience
+    return improved, bool(patience and state.evals_without_improvement >= patience)
+
+
+# -- run directory, resume, checkpoints ----------------------------------------------------------
+
+
+def _check_run_dir(run: Path, resume: bool) -> None:
+    has_checkpoint = (run / "last").is_symlink() or (run / "last").exists()
+    if resume and not has_checkpoint:
+        raise SlmError(f"nothing to resume: '{run}' has no checkpoint (RUN/last)")
+    if not resume and has_checkpoint:
+        raise SlmError(f"'{run}' already holds a run; pass --resume to continue it or choose another out=")
+
+
+def _fresh(run: Path, cfg: TrainConfig, info) -> TrainerState:
+    torch.manual_seed(cfg.seed + info.rank)  # this rank's dropout stream (weights were initialised before)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("")
+    return TrainerState()
+
+
+def _resume(run: Path, model, opt, cfg: TrainConfig, info) -> TrainerState:
+    state, saved, rng_states = load_checkpoint(run / "last", model, opt)
+    saved_train, saved_world = saved.get("train", {}), saved.get("world", 1)
+    problems = [f"{k} {saved_train[k]} -> {getattr(cfg, k)}" for k in RESUME_KEYS
+                if k in saved_train and saved_train[k] != getattr(cfg, k)]
+    if saved_world != info.world:
+        problems.append(f"ranks {saved_world} -> {info.world}")
+    if problems:
+        raise SlmError(f"cannot resume exactly ({'; '.join(problems)}): keep those settings or start a new run")
+    torch.set_rng_state(rng_states[info.rank])
+    if info.is_main:
+        truncate_metrics(run, state.step)
+        tqdm.write(f"resuming {run} from step {state.step}")
+    return state
+
+
+def _checkpoint(run: Path, state, model, opt, tokenizer, cfg: TrainConfig, info, best: bool) -> None:
+    rng = dist.gather_rng_states()
+    if info.is_main:
+        save_checkpoint(run, state, model, opt, tokenizer, rng, {"train": asdict(cfg), "world": info.world},
+                        best=best, keep=cfg.keep_checkpoints)
+    dist.barrier()
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SlmError(f"precision must be auto, fp32 or bf16, not '{precision}'")
+    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _log(run: Path, row: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _plot(run: Path) -> None:
+    from slmkit.train.plot import plot_run
+
+    plot_run(run)

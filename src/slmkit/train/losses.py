@@ -1,0 +1,18 @@
+"""Training losses. A loss function takes (model, batch) and returns (loss, logs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # target value that contributes no loss (padding, prompt tokens in fine-tuning)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V) in any dtype, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Causal language modelling: predict batch["targets"] from batch["input_ids"]."""
+    return cross_entropy(model(batch["input_ids"]), batch["targets"]), {}
