@@ -109,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field of .jsonl/.csv/.parquet records")
     p.add_argument("--separator", default="auto", help="document separator in .txt files")
 
-    p = sub.add_parser("pretrain", help="train a model from scratch on prepared data",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_config_help("PretrainConfig", "slmkit.train.pretrain"))
-    p.add_argument("--config", help="YAML recipe, e.g. configs/pretrain/tinystories-10m.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the recipe")
-    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    _add_config_verb(sub, "pretrain", "train a model from scratch on prepared data", "PretrainConfig",
+                     "slmkit.train.pretrain", "configs/pretrain/tinystories-10m.yaml", resumable=True)
+    _add_config_verb(sub, "distill", "train a student from a teacher's outputs (logit, hidden-state KD)",
+                     "DistillConfig", "slmkit.train.distill", "configs/distill/tinystories-23m.yaml", resumable=True)
+    _add_config_verb(sub, "synth", "have a teacher write a corpus from seed prompts (sequence-level KD)",
+                     "SynthConfig", "slmkit.data.synth", "synth.yaml holding the settings below (or key=value alone: count=200)")
 
     p = sub.add_parser("plot", help="plot train/validation loss and learning rate of a run")
     p.add_argument("run", help="run directory (holds metrics.jsonl)")
@@ -123,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96, help="new tokens per answer")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return parser
+
+
+def _add_config_verb(sub, verb: str, help: str, cls_name: str, module: str, example: str,
+                     resumable: bool = False) -> None:
+    """A verb driven by a typed config: --config YAML plus key=value overrides (listed in --help)."""
+    p = sub.add_parser(verb, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_config_help(cls_name, module))
+    p.add_argument("--config", help=f"YAML file, e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file's")
+    if resumable:
+        p.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
 
 
 def _config_help(cls_name: str, module: str) -> str | None:
@@ -295,11 +306,23 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from slmkit.config import load_config
-    from slmkit.train import dist
     from slmkit.train.pretrain import PretrainConfig, run
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    return _train_recipe(PretrainConfig, run, args, "model")
+
+
+def cmd_distill(args) -> int:
+    from slmkit.train.distill import DistillConfig, run
+
+    return _train_recipe(DistillConfig, run, args, "student")
+
+
+def _train_recipe(config_cls, run, args, what: str) -> int:
+    """Load a recipe config (YAML + key=value), run it, and say where the results are."""
+    from slmkit.config import load_config
+    from slmkit.train import dist
+
+    cfg = load_config(config_cls, args.config, args.overrides)
     try:
         result = run(cfg, resume=args.resume)
     finally:
@@ -307,7 +330,15 @@ def cmd_pretrain(args) -> int:
     s = result.state
     best = f", best validation loss {s.best_val_loss:.4f} at step {s.best_step}" if s.best_val_loss else ""
     print(f"stopped ({result.stop_reason}) at step {s.step} after {s.tokens:,} tokens{best}; "
-          f"model in {result.run_dir / 'final'}, curves in {result.run_dir / 'loss.png'}")
+          f"{what} in {result.run_dir / 'final'}, curves in {result.run_dir / 'loss.png'}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from slmkit.config import load_config
+    from slmkit.data.synth import SynthConfig, print_report, synthesize
+
+    print_report(synthesize(load_config(SynthConfig, args.config, args.overrides)))
     return 0
 
 
@@ -327,7 +358,7 @@ def cmd_demo(args) -> int:
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
          "presets": cmd_presets, "convert": cmd_convert, "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
-         "pretrain": cmd_pretrain, "plot": cmd_plot, "demo": cmd_demo}
+         "pretrain": cmd_pretrain, "distill": cmd_distill, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

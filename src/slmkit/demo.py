@@ -1,7 +1,8 @@
 """`slm demo` (`make demo`): the guided tour on the bundled SmolLM2-135M-Instruct.
 
 Step 1 loads the GGUF and prints its model card; step 2 answers three fixed prompts through the
-chat template, streaming, with tokens/s for each. Later stages of the toolkit add their steps here.
+chat template, streaming, with tokens/s for each; step 3 distills a small student from it on the
+shared TinyStories sample (`demo_distill.py`). Later stages of the toolkit add their steps here.
 """
 
 from __future__ import annotations
@@ -48,4 +49,9 @@ def run_demo(model: str = DEFAULT_MODEL, max_tokens: int = 96) -> int:
     console.rule("[bold]summary")
     console.print(f"decode speed: {', '.join(f'{s:.1f}' for s in speeds)} tokens/s "
                   f"(bfloat16 weights, batch 1, {torch.get_num_threads()} threads)")
+
+    console.rule("[bold]3. distill a small student from this model")
+    from slmkit.demo_distill import distill_step
+
+    distill_step()
     return 0

@@ -7,6 +7,7 @@
         optimizer.safetensors   AdamW moments and steps
         rng.safetensors         every rank's torch RNG state (dropout)
         trainer.json            step, tokens, best validation loss, early-stopping count, config
+        extra.safetensors       trainable parts of the loss (distillation projections), if any
     RUN/last, RUN/best          symlinks to checkpoint directories, swapped atomically
     RUN/final/                  the model at the end of training
 
@@ -46,7 +47,7 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 
 def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer, rng_states: list[torch.Tensor],
-                    config: dict, best: bool = False, keep: int = 2) -> Path:
+                    config: dict, best: bool = False, keep: int = 2, extra=None) -> Path:
     """Write the checkpoint for `state.step` atomically and point RUN/last (and RUN/best) at it."""
     from safetensors.torch import save_file
 
@@ -59,6 +60,8 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
     save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
+    if extra is not None:
+        save_file({k: v.contiguous() for k, v in extra.state_dict().items()}, str(tmp / "extra.safetensors"))
     trainer = {"state": asdict(state), "param_groups": groups, "config": config}
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
     if final.exists():  # a re-run of the same step after a resume: replace it
@@ -71,13 +74,13 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict, list[torch.Tensor]]:
-    """Restore weights and optimizer in place; returns (state, saved config, per-rank RNG states)."""
+def load_checkpoint(path: Path, model, optimizer, extra=None) -> tuple[TrainerState, dict, list[torch.Tensor]]:
+    """Restore weights (and `extra`) and optimizer in place; returns (state, saved config, per-rank RNG states)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = path.resolve()
-    for name in REQUIRED:
+    for name in REQUIRED + (("extra.safetensors",) if extra is not None else ()):
         if not (path / name).is_file():
             raise _corrupt(path, f"{name} is missing")
     try:
@@ -86,7 +89,9 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict, l
         weights = load_file(str(path / "model.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-    except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as err:
+        if extra is not None:
+            extra.load_state_dict(load_file(str(path / "extra.safetensors")))
+    except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError, RuntimeError) as err:
         raise _corrupt(path, str(err)) from err
     _load_weights(path, model, weights)
     try:

@@ -52,6 +52,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of `module` over ranks (for parameters that DDP does not wrap)."""
+    if not active():
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= dist.get_world_size()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (keeps ranks from taking different branches)."""
     if not active():

@@ -6,7 +6,9 @@ mixed precision, optional torch.compile, data parallelism (under torchrun), eval
 stopping, checkpoints, exact resume, the progress bar, metrics.jsonl and the loss plot.
 
 What it deliberately does not know: where batches come from (any object with
-`batch(step, micro, rank) -> dict`) and what the loss is (`loss_fn(model, batch)`).
+`batch(step, micro, rank) -> dict`) and what the loss is (`loss_fn(model, batch)`). A recipe whose
+loss has trainable parts of its own (distillation's projections) passes them as `extra`: they are
+optimized, averaged across ranks and checkpointed with the model, but not saved into it.
 """
 
 from __future__ import annotations
@@ -101,14 +103,16 @@ class TrainResult:
 
 
 def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokenizer=None, *,
-          loss_fn: LossFn = lm_loss, val_batches: list[dict] | None = None, resume: bool = False) -> TrainResult:
-    """Train `model` in place on `data.batch(step, micro, rank)`; see the module docstring."""
+          loss_fn: LossFn = lm_loss, val_batches: list[dict] | None = None, resume: bool = False,
+          extra: nn.Module | None = None) -> TrainResult:
+    """Train `model` (and `extra`) in place on `data.batch(step, micro, rank)`; see the module docstring."""
     info = dist.setup(cfg.device)
     run = Path(run_dir)
     _check_run_dir(run, resume)
     model.to(info.device).train()
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-    state = _resume(run, model, opt, cfg, info) if resume else _fresh(run, cfg, info)
+    trainable = nn.ModuleList([model] + ([extra.to(info.device).train()] if extra is not None else []))
+    opt = build_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    state = _resume(run, model, opt, cfg, info, extra) if resume else _fresh(run, cfg, info)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
     forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
     amp = _autocast(cfg.precision, info.device)
@@ -118,7 +122,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
     started, stop_reason = time.perf_counter() - state.elapsed_seconds, "steps"
     while state.step < cfg.steps:
         tick = time.perf_counter()
-        row = _step(forward, wrapped, model, opt, data, cfg, state.step, info, loss_fn, amp)
+        row = _step(forward, wrapped, trainable, opt, data, cfg, state.step, info, loss_fn, amp)
         state.step += 1
         state.tokens += tokens_per_step
         state.elapsed_seconds = time.perf_counter() - started
@@ -135,7 +139,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
             stop_reason = "time_limit"
         stopping = stop_reason != "steps" or state.step == cfg.steps
         if improved or stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _checkpoint(run, state, model, opt, tokenizer, cfg, info, best=improved)
+            _checkpoint(run, state, model, opt, tokenizer, cfg, info, best=improved, extra=extra)
         if stop_reason != "steps":
             break
     bar.close()
@@ -151,7 +155,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
 # -- one optimizer step --------------------------------------------------------------------------
 
 
-def _step(forward, wrapped, model, opt, data, cfg: TrainConfig, step: int, info, loss_fn, amp) -> dict:
+def _step(forward, wrapped, trainable, opt, data, cfg: TrainConfig, step: int, info, loss_fn, amp) -> dict:
     lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
     for group in opt.param_groups:
@@ -167,7 +171,9 @@ def _step(forward, wrapped, model, opt, data, cfg: TrainConfig, step: int, info,
                 loss, logs = loss_fn(forward, batch)
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    if len(trainable) > 1 and info.world > 1:  # DDP syncs the model's gradients, not the extras'
+        dist.average_gradients(trainable[1])
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip or math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     mean_loss = dist.all_reduce_sum(total / cfg.grad_accum).item() / info.world
@@ -232,8 +238,8 @@ def _fresh(run: Path, cfg: TrainConfig, info) -> TrainerState:
     return TrainerState()
 
 
-def _resume(run: Path, model, opt, cfg: TrainConfig, info) -> TrainerState:
-    state, saved, rng_states = load_checkpoint(run / "last", model, opt)
+def _resume(run: Path, model, opt, cfg: TrainConfig, info, extra=None) -> TrainerState:
+    state, saved, rng_states = load_checkpoint(run / "last", model, opt, extra)
     saved_train, saved_world = saved.get("train", {}), saved.get("world", 1)
     problems = [f"{k} {saved_train[k]} -> {getattr(cfg, k)}" for k in RESUME_KEYS
                 if k in saved_train and saved_train[k] != getattr(cfg, k)]
@@ -248,11 +254,11 @@ def _resume(run: Path, model, opt, cfg: TrainConfig, info) -> TrainerState:
     return state
 
 
-def _checkpoint(run: Path, state, model, opt, tokenizer, cfg: TrainConfig, info, best: bool) -> None:
+def _checkpoint(run: Path, state, model, opt, tokenizer, cfg: TrainConfig, info, best: bool, extra=None) -> None:
     rng = dist.gather_rng_states()
     if info.is_main:
         save_checkpoint(run, state, model, opt, tokenizer, rng, {"train": asdict(cfg), "world": info.world},
-                        best=best, keep=cfg.keep_checkpoints)
+                        best=best, keep=cfg.keep_checkpoints, extra=extra)
     dist.barrier()
 
 

@@ -37,19 +37,19 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> CausalLM:
-    config = cfg.model
+def build_model(config: ModelConfig, tokenizer: Tokenizer, seq_len: int, init_seed: int) -> CausalLM:
+    """A randomly initialised model for `tokenizer` (vocab_size 0 = the tokenizer's size)."""
     if config.vocab_size == 0:
         config = config.replace(vocab_size=tokenizer.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
         raise SlmError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                        f"{config.vocab_size}; set model.vocab_size=0 to follow the tokenizer")
-    if cfg.train.seq_len > config.max_position_embeddings:
-        raise SlmError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_position_embeddings "
+    if seq_len > config.max_position_embeddings:
+        raise SlmError(f"train.seq_len {seq_len} exceeds model.max_position_embeddings "
                        f"{config.max_position_embeddings}")
     config = config.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = CausalLM(config)
-    model.init_weights(torch.Generator().manual_seed(cfg.init_seed))
+    model.init_weights(torch.Generator().manual_seed(init_seed))
     return model
 
 
@@ -58,7 +58,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
         raise SlmError("no data: set data=DIR (a directory made by `slm prepare`)")
     info = dist.setup(cfg.train.device)
     tokenizer = Tokenizer.from_dir(cfg.data)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg.model, tokenizer, cfg.train.seq_len, cfg.init_seed)
     t = cfg.train
     layout = Layout(t.micro_batch_size, t.grad_accum, info.world)
     batches = RandomWindows(TokenStream(cfg.data, "train"), t.seq_len, layout, t.seed)
