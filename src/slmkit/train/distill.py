@@ -60,10 +60,12 @@ def run(cfg: DistillConfig, resume: bool = False) -> TrainResult:
     _check(cfg)
     info = dist.setup(cfg.train.device)
     tokenizer = Tokenizer.from_dir(cfg.data)
-    teacher, teacher_tokenizer = load_teacher(cfg, info.device)
-    if uses_teacher(cfg.kd) and not same_vocabulary(tokenizer, teacher_tokenizer):
-        raise SlmError(_tokenizer_mismatch(cfg, tokenizer, teacher_tokenizer))
-    student = build_student(cfg, tokenizer, teacher)
+    teacher = None  # a from-scratch run (alpha 0, no layer terms) reads only the teacher's vocabulary size
+    if uses_teacher(cfg.kd):
+        teacher, teacher_tokenizer = load_teacher(cfg, info.device)
+        if not same_vocabulary(tokenizer, teacher_tokenizer):
+            raise SlmError(_tokenizer_mismatch(cfg, tokenizer, teacher_tokenizer))
+    student = build_student(cfg, tokenizer, _teacher_vocab(cfg, teacher))
     t = cfg.train
     layout = Layout(t.micro_batch_size, t.grad_accum, info.world)
     stream = TokenStream(cfg.data, "train")
@@ -111,7 +113,15 @@ def load_teacher(cfg: DistillConfig, device: torch.device) -> tuple[nn.Module, T
     return teacher, loaded.tokenizer
 
 
-def build_student(cfg: DistillConfig, tokenizer: Tokenizer, teacher: nn.Module) -> nn.Module:
+def _teacher_vocab(cfg: DistillConfig, teacher: nn.Module | None) -> int:
+    if teacher is not None:
+        return teacher.config.vocab_size
+    from slmkit.load import inspect
+
+    return inspect(cfg.teacher).config.vocab_size
+
+
+def build_student(cfg: DistillConfig, tokenizer: Tokenizer, teacher_vocab: int) -> nn.Module:
     """`model` with fresh weights, a preset's architecture with fresh weights, or a saved model to continue."""
     config = cfg.model
     if cfg.student:
@@ -126,7 +136,7 @@ def build_student(cfg: DistillConfig, tokenizer: Tokenizer, teacher: nn.Module) 
             return loaded.model
         config = get_preset(target).config.replace(vocab_size=0)
     if config.vocab_size == 0:  # follow the teacher's rows so the two distributions line up
-        config = config.replace(vocab_size=max(teacher.config.vocab_size, tokenizer.vocab_size))
+        config = config.replace(vocab_size=max(teacher_vocab, tokenizer.vocab_size))
     return build_model(config, tokenizer, cfg.train.seq_len, cfg.init_seed)
 
 

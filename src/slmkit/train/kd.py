@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import SlmError
-from slmkit.train.losses import IGNORE, cross_entropy
+from slmkit.train.losses import IGNORE
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 HIDDEN_LOSSES = ("mse", "cosine")
@@ -74,7 +74,8 @@ def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
 
 
 def logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, targets: torch.Tensor,
-             kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+             kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+             student_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Mean T^2-scaled divergence over the positions whose target is not IGNORE.
 
     student_logits (B, T, Vs); teacher (B, T, Vt) logits or TopK; targets (B, T). Vocabularies are
@@ -83,11 +84,13 @@ def logit_kd(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, targets
     the vocabulary, for both models. The bucket matters: without it the student is only told how to
     share out whatever mass it puts on the k tokens, not to put its mass there (measured: KD then
     trains worse than no KD). Temperature softens these k + 1 outcomes, which is exact at T = 1.
+    `student_logp` is log_softmax(student_logits) when the caller already has it (one vocabulary-wide
+    pass per step instead of two).
     """
     if temperature <= 0:
         raise SlmError(f"temperature must be > 0, got {temperature}")
     if isinstance(teacher, TopK):
-        s_full = F.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+        s_full = F.log_softmax(student_logits.float(), dim=-1) if student_logp is None else student_logp  # (B, T, V)
         t_logp = _bucketed(teacher.logprobs.float(), temperature)  # (B, T, k + 1)
         s_logp = _bucketed(s_full.gather(-1, teacher.indices.long()), temperature)
     else:
@@ -257,7 +260,8 @@ class DistillLoss:
     def __call__(self, forward, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         kd, targets = self.kd, batch["targets"]
         logits = forward(batch["input_ids"])  # (B, T, V)
-        ce = cross_entropy(logits, targets)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V), shared by the CE and sparse KD terms
+        ce = F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         loss, logs = (1 - kd.alpha) * ce, {"ce": ce.item()}
         teacher_logits = None
         if self.teacher is not None:
@@ -268,7 +272,7 @@ class DistillLoss:
                 target = TopK(batch["teacher_indices"], batch["teacher_logprobs"])
             else:
                 target = topk_logprobs(teacher_logits, kd.top_k) if kd.top_k else teacher_logits
-            term = logit_kd(logits, target, targets, kd.divergence, kd.temperature, kd.jsd_beta)
+            term = logit_kd(logits, target, targets, kd.divergence, kd.temperature, kd.jsd_beta, student_logp=logp)
             loss, logs["kd"] = loss + kd.alpha * term, term.item()
         if kd.hidden_weight > 0:
             term = sum(hidden_kd(self.student_taps[f"model.layers.{s}"], self.teacher_taps[f"model.layers.{t}"],
