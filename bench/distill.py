@@ -1,6 +1,6 @@
 """Distillation against training from scratch, same student, same batches, same steps, one run.
 
-    python bench/distill.py [--steps 150] [--sweep-steps 60] [--chunks 400]
+    python bench/distill.py [--steps 300] [--sweep-steps 60] [--chunks 400]
 
 A ~23M-parameter student with SmolLM2's tokenizer (configs/distill/tinystories-23m.yaml) trains on
 the first `chunks` x 256 tokens of the shared TinyStories sample (a) from scratch with
@@ -67,7 +67,7 @@ def teacher_perplexity(cfg: DistillConfig) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the main pair (batch 8 x 256)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the main pair (batch 8 x 256)")
     parser.add_argument("--sweep-steps", type=int, default=60, help="steps of each sweep run (batch 4 x 256)")
     parser.add_argument("--chunks", type=int, default=400, help="256-token training chunks (teacher cache size)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per evaluation")

@@ -204,6 +204,39 @@ def test_distill_run_with_cache_hidden_kd_and_exact_resume(tmp_path, tiny_teache
     assert losses[0] == losses[1]
 
 
+def test_data_parallel_distillation_matches_one_process(tmp_path, tiny_teacher_dir, story_data):
+    """2 gloo ranks x micro-batch 1 == 1 process x micro-batch 2: student and hidden-KD projections within 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from slmkit.config import to_dict
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for name, micro, launcher in (("single", 2, []),
+                                  ("ddp", 1, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        cfg = _config(tmp_path / name, story_data, tiny_teacher_dir, alpha=0.5, top_k=8, hidden_weight=1.0)
+        cfg.train.steps, cfg.train.micro_batch_size, cfg.train.grad_accum = 3, micro, 2
+        cfg.train.eval_every = cfg.train.checkpoint_every = 0
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+        command = [sys.executable, *launcher, "-m", "slmkit.cli"]
+        done = subprocess.run([*command, "distill", "--config", str(recipe)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run_dir = tmp_path / name / "run"
+        outputs[name] = {**load_file(str(run_dir / "final" / "model.safetensors")),
+                         **{f"extra.{k}": v for k, v in load_file(str(run_dir / "last" / "extra.safetensors")).items()}}
+    a, b = outputs["single"], outputs["ddp"]
+    assert a.keys() == b.keys() and any(k.startswith("extra.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
 def test_mismatched_tokenizers_are_refused(tmp_path, story_data, tiny_tokenizer):
     from slmkit.interop.hf import save_hf
 
