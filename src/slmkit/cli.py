@@ -89,6 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES + ("float16",), default="float32",
                    help="safetensors precision for an HF directory")
 
+    p = sub.add_parser("quantize", help="int8 / int4 (RTN, GPTQ, AWQ) weights on packed CPU kernels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=QUANTIZE_EPILOG)
+    _add_model(p)
+    p.add_argument("-o", "--out", required=True, help="output directory (a quantized HF-style checkpoint)")
+    p.add_argument("--method", choices=("int8", "int4", "gptq", "awq"), default="int4",
+                   help="int8: per-row round-to-nearest; int4: group-wise round-to-nearest; gptq/awq: calibrated int4")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256),
+                   help="int4 weights per scale and zero point (smaller: more accurate, larger file)")
+    p.add_argument("--pad-groups", action="store_true",
+                   help="allow layer widths that the group size does not divide (zero-pads each row's last group)")
+    p.add_argument("--keep-lm-head", action="store_true", help="keep the output head in float")
+    p.add_argument("--skip", action="append", default=[], help="linear name (or suffix) to keep in float; repeatable")
+    p.add_argument("--calib", help="calibration text file or `slm prepare` directory (gptq/awq; default: the "
+                                   "shared WikiText-2 valid text)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    p = sub.add_parser("export", help="write a model for other runtimes (GGUF for llama.cpp / ollama)")
+    export_sub = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    p = export_sub.add_parser("gguf", help="a llama-architecture GGUF file with the tokenizer and chat template")
+    _add_model(p)
+    p.add_argument("out", help="OUT.gguf")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), default="q8_0",
+                   help="tensor type: q8_0 is near-lossless, q4_k_m is llama.cpp's popular 4-bit mix")
+
     p = sub.add_parser("prepare", help="filter, de-duplicate, split, tokenize and pack text into shards",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=_config_help("PrepareConfig", "slmkit.data.prepare"))
@@ -123,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96, help="new tokens per answer")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return parser
+
+
+QUANTIZE_EPILOG = """examples:
+  slm quantize smollm2-135m-instruct --method int8 -o runs/smollm2-int8
+  slm quantize smollm2-135m-instruct --method gptq --group-size 64 -o runs/smollm2-gptq
+  slm generate runs/smollm2-gptq "Once upon a time"
+  slm export gguf runs/smollm2-int8 smollm2-q8.gguf --type q8_0
+"""
 
 
 def _add_config_verb(sub, verb: str, help: str, cls_name: str, module: str, example: str,
@@ -271,6 +306,45 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import time
+
+    import torch
+
+    from slmkit.load import load
+    from slmkit.quant.api import QuantConfig, quantize_model, save_quantized, targets
+
+    _setup_threads(args)
+    cfg = QuantConfig(method=args.method, group_size=args.group_size, pad_groups=args.pad_groups,
+                      lm_head=not args.keep_lm_head, calib=args.calib, calib_samples=args.calib_samples,
+                      calib_seq_len=args.calib_seq_len, act_order=args.act_order, skip=args.skip)
+    loaded = load(args.model, dtype=torch.float32)
+    targets(loaded.model, cfg)  # every setting is checked before any work
+    started = time.perf_counter()
+    report = quantize_model(loaded.model, cfg, loaded.tokenizer)
+    out = save_quantized(loaded.model, loaded.tokenizer, args.out)
+    print(report.summary())
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from slmkit.errors import SlmError
+    from slmkit.interop.gguf import write_gguf
+    from slmkit.load import load
+
+    if not args.out.endswith(".gguf"):
+        raise SlmError(f"'{args.out}' should end in .gguf")
+    loaded = load(args.model, dtype=torch.float32)
+    if loaded.tokenizer is None:
+        raise SlmError(f"'{args.model}' has no tokenizer; a GGUF file needs one")
+    out = write_gguf(loaded.model, loaded.tokenizer, args.out, args.type)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from slmkit.config import load_config
     from slmkit.data.prepare import PrepareConfig, prepare, print_report
@@ -357,7 +431,8 @@ def cmd_demo(args) -> int:
 
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
-         "presets": cmd_presets, "convert": cmd_convert, "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
+         "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "export": cmd_export,
+         "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
          "pretrain": cmd_pretrain, "distill": cmd_distill, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     model_type: str = "llama"
     name: str = ""
+    quantization: dict | None = None  # set on quantized checkpoints: {"method", "bits", "group_size", ...}
 
     def __post_init__(self) -> None:
         if self.num_hidden_layers % self.block_repeats:

@@ -137,6 +137,10 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
     with torch.device("meta"):
         model = CausalLM(config)
     state = dict(tensors)
+    if config.quantization:  # linears stored as codes become quantized modules before the weights land
+        from slmkit.quant.api import swap_in_empty
+
+        swap_in_empty(model, config.quantization, {k.rpartition(".")[0] for k in state if k.endswith(".qweight")})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]

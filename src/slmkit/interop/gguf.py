@@ -200,8 +200,6 @@ def read_tensors(reader, config: ModelConfig, dtype: torch.dtype):
 # Writing
 # ---------------------------------------------------------------------------------------------
 
-FILE_TYPES = {"f32": 0, "f16": 1}  # llama.cpp's LLAMA_FTYPE values
-
 
 def gguf_name(hf: str) -> str:
     """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`."""
@@ -234,25 +232,30 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
                encode: Encoder | None = None, file_type_id: int | None = None) -> Path:
     """Write `model` (+ tokenizer) as a llama GGUF, atomically.
 
-    file_type f32 or f16 stores matrices in that type and 1-D tensors in F32. `encode` overrides
-    that per tensor, (gguf_name, fp32 array) -> (array, GGMLQuantizationType); quantized exports
-    pass one, with their llama.cpp `file_type_id`.
+    file_type: f32, f16, q8_0, q4_0, q4_1 or q4_k_m (see `gguf_quants`); 1-D tensors stay F32.
+    `encode` overrides the per-tensor choice, (gguf_name, fp32 array) -> (array, GGMLQuantizationType),
+    with `file_type_id` the llama.cpp file type to record. A quantized slmkit model is exported
+    from its dequantized weights (the GGUF type then decides the final rounding).
     """
     import gguf
 
-    if encode is None and file_type not in FILE_TYPES:
-        raise SlmError(f"GGUF type '{file_type}' is not written here (supported: {', '.join(FILE_TYPES)}); "
-                       "quantized types come from `slm quantize`")
+    from slmkit.interop import gguf_quants as gq
+
+    if encode is None and file_type not in gq.FTYPES:
+        raise SlmError(f"GGUF type '{file_type}' is not supported (choose from {', '.join(gq.FTYPES)})")
     config: ModelConfig = model.config
     check_exportable(config)
-    encode = encode or plain_encoder(file_type)
+    tensors = [(gguf_name(name), tensor) for name, tensor in _export_tensors(model)]
+    if encode is None:
+        gq.check_shapes([(name, tuple(t.shape)) for name, t in tensors], file_type)
+        encode = plain_encoder(file_type) if file_type in ("f32", "f16") else quantized_encoder(
+            file_type, config.num_hidden_layers, any(name == "output.weight" for name, _ in tensors))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    _write_metadata(writer, config, FILE_TYPES.get(file_type, 0) if file_type_id is None else file_type_id)
+    _write_metadata(writer, config, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
-    for name, tensor in _export_tensors(model):
-        name = gguf_name(name)
+    for name, tensor in tensors:
         data, kind = encode(name, tensor.detach().float().cpu().numpy())
         writer.add_tensor(name, data, raw_dtype=kind)
     writer.write_header_to_file()
@@ -261,6 +264,18 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
     writer.close()
     os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
     return path
+
+
+def quantized_encoder(file_type: str, n_layers: int, has_output: bool) -> Encoder:
+    import gguf
+
+    from slmkit.interop import gguf_quants as gq
+
+    def encode(name: str, data: np.ndarray):
+        kind = gq.tensor_type(name, data.shape, file_type, n_layers, has_output)
+        return gq.encode(data, kind), getattr(gguf.GGMLQuantizationType, kind)
+
+    return encode
 
 
 def plain_encoder(file_type: str) -> Encoder:
@@ -277,7 +292,7 @@ def plain_encoder(file_type: str) -> Encoder:
 def _export_tensors(model):
     """(hf_name, tensor) in GGUF layout: q/k permuted, experts stacked into (E, out, in)."""
     config = model.config
-    state = model.state_dict()
+    state = float_state(model)
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -290,6 +305,19 @@ def _export_tensors(model):
             heads = config.heads(0) if "q_proj" in name else config.kv_heads(0)
             tensor = permute_qk(tensor, heads)
         yield name, tensor
+
+
+def float_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with quantized linears given back as float `weight`s."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if getattr(module, "bits", 0):
+            for key in [k for k in state if k.startswith(name + ".")]:
+                del state[key]
+            state[f"{name}.weight"] = module.dequantized()
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias
+    return state
 
 
 def _expert_stack(state, prefix: str, w: str, n_experts: int):

@@ -23,6 +23,9 @@ from slmkit.tokenizer import Tokenizer
 
 HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+# Our quantized checkpoints' section. Not `quantization_config`: transformers would take that for
+# one of its own quantizers and fail to load the directory less clearly.
+QUANT_KEY = "slmkit_quantization"
 # config.json keys that mean the same in ModelConfig.
 SHARED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -39,7 +42,9 @@ def config_from_hf(data: dict) -> ModelConfig:
     kind = data.get("model_type")
     if kind == "slmkit":
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        return from_dict(ModelConfig, {k: v for k, v in data.items() if k in fields})
+        values = {k: v for k, v in data.items() if k in fields}
+        values["quantization"] = data.get(QUANT_KEY)
+        return from_dict(ModelConfig, values)
     if kind not in HF_TYPES:
         raise SlmError(f"model_type '{kind}' is not supported (supported: {', '.join(HF_TYPES)}, slmkit)")
     values = {k: data[k] for k in SHARED_KEYS if data.get(k) is not None}
@@ -57,6 +62,7 @@ def config_from_hf(data: dict) -> ModelConfig:
         values.setdefault("num_experts_per_tok", 2)
     values["model_type"] = kind
     values["name"] = data.get("_name_or_path", "")
+    values["quantization"] = data.get(QUANT_KEY)
     return from_dict(ModelConfig, values)
 
 
@@ -77,6 +83,14 @@ def hf_model_type(c: ModelConfig) -> str:
 
 
 def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
+    data = _config_to_hf(c, dtype)
+    data.pop("quantization", None)
+    if c.quantization:
+        data[QUANT_KEY] = c.quantization
+    return data
+
+
+def _config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
     kind = hf_model_type(c)
     dtype_name = str(dtype).removeprefix("torch.")
     if kind == "slmkit":
@@ -137,7 +151,9 @@ def read_hf_tensors(path: Path, dtype: torch.dtype):
             for name in f.keys():
                 if name.endswith("rotary_emb.inv_freq"):  # a legacy buffer, recomputed by the model
                     continue
-                yield name, f.get_tensor(name).to(dtype)
+                tensor = f.get_tensor(name)
+                # quantized codes stay integers; their scales are converted by the modules themselves
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -148,7 +164,9 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     dtype = dtype or next(model.parameters()).dtype
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+    quantized = tuple(f"{name}." for name, m in model.named_modules() if getattr(m, "bits", 0))
+    state = {k: (v.detach() if k.startswith(quantized) or not v.is_floating_point() else v.detach().to(dtype))
+             .contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     _atomic(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     _write_json(path / "config.json", config_to_hf(config, dtype))

@@ -1,0 +1,353 @@
+"""Quantize a model in place (`quantize_model`), and save/load quantized checkpoints.
+
+Methods: int8 (per-row RTN), int4 (group-wise RTN), gptq and awq (calibrated int4). Every method
+ends by swapping each chosen `nn.Linear` for an `Int8Linear`/`Int4Linear` from outside the model
+(`layers.swap_linears`), so `model.py` never changes. The output head is quantized too unless
+`lm_head=False`; a tied head is untied first, and the token embedding stays in float (it is a
+lookup, not a product).
+
+A quantized checkpoint is an HF-style directory: model.safetensors (codes, scales, zeros, float
+norms/embedding) and config.json with a `quantization` section that says how to rebuild it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from slmkit.errors import SlmError
+from slmkit.layers import swap_linears
+from slmkit.quant.qlinear import Int4Linear, Int8Linear, QuantLinear
+from slmkit.quant.rtn import Int4Codes, quantize_int4, quantize_int8
+
+METHODS = ("int8", "int4", "gptq", "awq")
+GROUP_SIZES = (32, 64, 128, 256)
+CALIBRATED = ("gptq", "awq")
+# linears that read the same input, in the order a block computes them (one Hessian / one AWQ scale each)
+SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+@dataclass
+class QuantConfig:
+    method: str = "int4"
+    """int8 | int4 (round-to-nearest) | gptq | awq (calibrated int4)"""
+    group_size: int = 128
+    """int4 input columns per scale and zero point: 32, 64, 128 or 256"""
+    pad_groups: bool = False
+    """allow layers whose width is not a multiple of group_size (the last group is zero-padded)"""
+    lm_head: bool = True
+    """quantize the output head too (it is a fifth of SmolLM2-135M's weights and of its decode time)"""
+    calib: str | None = None
+    """calibration text file or `slm prepare` directory (default: the shared WikiText-2 valid text)"""
+    calib_samples: int = 64
+    """calibration windows"""
+    calib_seq_len: int = 512
+    """tokens per calibration window"""
+    act_order: bool = False
+    """GPTQ: quantize columns by decreasing activation energy"""
+    damp: float = 0.01
+    """GPTQ: Hessian dampening, as a share of its mean diagonal"""
+    skip: list[str] = field(default_factory=list)
+    """linear names (or name suffixes) to keep in float"""
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.method == "int8" else 4
+
+
+@dataclass
+class QuantReport:
+    method: str
+    quantized: list[str]
+    kept_float: list[str]
+    linear_params: int
+    float_bytes: int  # the quantized linears' weights at fp32
+    quant_bytes: int  # their codes + scales + zeros
+
+    def summary(self) -> str:
+        return (f"{self.method}: {len(self.quantized)} linears quantized ({self.linear_params / 1e6:.1f}M weights, "
+                f"{self.float_bytes / 2**20:.1f} MiB fp32 -> {self.quant_bytes / 2**20:.1f} MiB, "
+                f"{self.float_bytes / max(self.quant_bytes, 1):.1f}x smaller); kept in float: "
+                f"{', '.join(self.kept_float) or 'none'}")
+
+
+def targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[str], list[str]]:
+    """(names to quantize, linear names kept in float), validated before any work starts."""
+    if cfg.method not in METHODS:
+        raise SlmError(f"quantization method '{cfg.method}' is unknown (choose from {', '.join(METHODS)})")
+    if cfg.bits == 4 and cfg.group_size not in GROUP_SIZES:
+        raise SlmError(f"group size {cfg.group_size} is not supported by the int4 kernel "
+                       f"(choose from {', '.join(map(str, GROUP_SIZES))})")
+    chosen, kept = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        skip = (name == "lm_head" and not cfg.lm_head) or any(name == s or name.endswith("." + s) for s in cfg.skip)
+        (kept if skip else chosen).append(name)
+    if not chosen:
+        raise SlmError("nothing to quantize: every linear is skipped")
+    if cfg.bits == 4:
+        _check_groups(model, chosen, cfg)
+    if cfg.method in CALIBRATED:
+        _check_calibratable(model, cfg)
+    return chosen, kept
+
+
+def _check_groups(model: nn.Module, chosen: list[str], cfg: QuantConfig) -> None:
+    widths = {model.get_submodule(n).in_features for n in chosen}
+    smallest = min(widths)
+    if smallest < cfg.group_size:
+        fitting = [g for g in GROUP_SIZES if g <= smallest]
+        hint = f"use --group-size {fitting[-1]} or --method int8" if fitting else "use --method int8"
+        raise SlmError(f"the model is too small for int4 group size {cfg.group_size}: a layer has only "
+                       f"{smallest} inputs; {hint}")
+    ragged = sorted(w for w in widths if w % cfg.group_size)
+    if ragged and not cfg.pad_groups:
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        raise SlmError(f"group size {cfg.group_size} does not divide the input width {ragged[0]} of some layers; "
+                       f"use --group-size {fits[-1] if fits else 32}" + " or --pad-groups (the last group of each "
+                       "row is zero-padded)")
+
+
+def _check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
+    c = model.config
+    if c.num_local_experts or c.block_repeats > 1:
+        raise SlmError(f"{cfg.method} calibrates dense, unshared blocks; this model has experts or shared blocks "
+                       "(use --method int4 or int8)")
+    if cfg.calib_samples < 1 or cfg.calib_seq_len < 8:
+        raise SlmError("calibration needs at least 1 sample of at least 8 tokens")
+    if cfg.calib_seq_len > c.max_position_embeddings:
+        raise SlmError(f"calibration windows of {cfg.calib_seq_len} tokens exceed the model's context of "
+                       f"{c.max_position_embeddings}; use --calib-seq-len {c.max_position_embeddings} or less")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing a model
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None, progress: bool = True) -> QuantReport:
+    """Quantize `model` (fp32 or bf16, eval mode) in place; returns what was done."""
+    chosen, kept = targets(model, cfg)
+    model.float().eval()
+    _untie_head(model, chosen)
+    if cfg.method == "int8":
+        made = {name: _int8_module(model.get_submodule(name)) for name in chosen}
+    elif cfg.method == "int4":
+        made = {name: _int4_module(model.get_submodule(name), quantize_int4(_weight(model, name), cfg.group_size))
+                for name in chosen}
+    else:
+        if tokenizer is None:
+            raise SlmError(f"{cfg.method} needs the model's tokenizer to read calibration text")
+        made = _calibrated(model, cfg, tokenizer, chosen, progress)
+    swap_linears(model, lambda name, _linear: made.get(name))
+    model.config.quantization = _section(cfg)
+    return _report(model, cfg, chosen, kept)
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name).weight.detach().float()
+
+
+def _int8_module(linear: nn.Linear) -> Int8Linear:
+    codes, scales = quantize_int8(linear.weight.detach())
+    return Int8Linear.from_codes(codes, scales, _bias(linear))
+
+
+def _int4_module(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
+    return Int4Linear.from_codes(q.codes, q.scales, q.zeros, q.group_size, linear.in_features, _bias(linear))
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().float()
+
+
+def _untie_head(model: nn.Module, chosen: list[str]) -> None:
+    """Give the head its own weight so quantizing (or AWQ-scaling) it leaves the embedding alone."""
+    if "lm_head" in chosen and model.config.tie_word_embeddings:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+def _calibrated(model, cfg: QuantConfig, tokenizer, chosen: list[str], progress: bool) -> dict[str, nn.Module]:
+    from slmkit.quant.calib import BlockInputs, calibration_ids
+
+    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+    inputs = BlockInputs(model, ids)
+    made: dict[str, nn.Module] = {}
+    layers = model.model.layers
+    bar = tqdm(range(len(layers)), desc=f"{cfg.method} ({inputs.tokens:,} calibration tokens)", unit="layer",
+               disable=not progress)
+    for i in bar:
+        prefix = f"model.layers.{i}."
+        names = [n for n in chosen if n.startswith(prefix)]
+        step = _gptq_block if cfg.method == "gptq" else _awq_block
+        for name, q in step(layers[i], inputs, cfg, [n[len(prefix):] for n in names]).items():
+            made[prefix + name] = q
+        inputs.run(layers[i], advance=True)  # the next block sees this block's quantized outputs
+    if "lm_head" in chosen:
+        made["lm_head"] = _quantize_head(model, inputs, cfg)
+    return made
+
+
+def _load_codes(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
+    """Put the dequantized weights into the float linear (so later blocks see them) and build the module."""
+    linear.weight.copy_(q.dequantize().to(linear.weight.dtype))
+    return _int4_module(linear, q)
+
+
+def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
+    from slmkit.quant.gptq import HessianTap, gptq_int4
+
+    groups = [[n for n in group if n in names] for group in SHARED_INPUTS]
+    groups = [g for g in groups if g]
+    taps = {g[0]: HessianTap(block.get_submodule(g[0]), block.get_submodule(g[0]).in_features) for g in groups}
+    inputs.run(block, advance=False)
+    made = {}
+    for group in groups:
+        h = taps[group[0]].close()
+        for name in group:
+            linear = block.get_submodule(name)
+            made[name] = _load_codes(linear, gptq_int4(linear.weight, h, cfg.group_size, cfg.damp, cfg.act_order))
+    return made
+
+
+def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
+    from slmkit.quant.awq import apply_scales, search_clip, search_scales
+
+    captured = _capture_inputs(block, inputs, [g[0] for g in SHARED_INPUTS])
+    attn = block.self_attn
+    feeders = {"self_attn.q_proj": block.input_layernorm, "mlp.gate_proj": block.post_attention_layernorm,
+               "mlp.down_proj": block.mlp.up_proj}
+    if attn.n_heads == attn.n_kv_heads:  # v's output rows line up one-to-one with o's input columns
+        feeders["self_attn.o_proj"] = attn.v_proj
+    # 1) scale every group in float (the block's float output is unchanged: each 1/s is folded into
+    #    its feeder), before anything is rounded: down's feeder up_proj must be scaled before it is
+    #    quantized; 2) clip and round each linear against the inputs it now reads (x / s).
+    reads = {}
+    for group in SHARED_INPUTS:
+        group = [n for n in group if n in names]
+        if not group:
+            continue
+        x = captured[group[0]]
+        linears = [block.get_submodule(n) for n in group]
+        whole = len(group) == len(next(g for g in SHARED_INPUTS if g[0] == group[0]))
+        if group[0] in feeders and whole:
+            s = search_scales(x, [lin.weight for lin in linears], cfg.group_size)
+            apply_scales(feeders[group[0]], linears, s)
+            x = x / s
+        reads.update({name: x for name in group})
+    made = {}
+    for name, x in reads.items():
+        linear = block.get_submodule(name)
+        if not name.endswith(("q_proj", "k_proj")):  # as in the paper: q/k errors wash out in the softmax
+            linear.weight.copy_(search_clip(x, linear.weight, cfg.group_size))
+        made[name] = _load_codes(linear, quantize_int4(linear.weight, cfg.group_size))
+    return made
+
+
+def _capture_inputs(block: nn.Module, inputs, names: list[str]) -> dict[str, torch.Tensor]:
+    """Run the float block once and keep what each named linear reads, (rows, K), subsampled to ~32k rows."""
+    keep = max(1, inputs.tokens // 32768)
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: captured[n].append(args[0].reshape(-1, args[0].shape[-1])[::keep].float()))
+        for n in names]
+    try:
+        inputs.run(block, advance=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in captured.items()}
+
+
+def _quantize_head(model, inputs, cfg: QuantConfig) -> nn.Module:
+    head = model.lm_head
+    if cfg.method == "gptq":
+        from slmkit.quant.gptq import HessianTap, gptq_int4
+
+        tap = HessianTap(head, head.in_features)
+        head(inputs.final_norm()[:: max(1, inputs.tokens // 16384)])
+        return _load_codes(head, gptq_int4(head.weight, tap.close(), cfg.group_size, cfg.damp, cfg.act_order))
+    from slmkit.quant.awq import apply_scales, search_clip, search_scales
+
+    # the final norm feeds only the head, so it takes the head's 1/s like input_layernorm does for q/k/v
+    x = inputs.final_norm()[:: max(1, inputs.tokens // 16384)]
+    s = search_scales(x, [head.weight], cfg.group_size)
+    apply_scales(model.model.norm, [head], s)
+    x = x / s
+    head.weight.copy_(search_clip(x, head.weight, cfg.group_size))
+    return _load_codes(head, quantize_int4(head.weight, cfg.group_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _section(cfg: QuantConfig) -> dict:
+    section = {"method": cfg.method, "bits": cfg.bits, "lm_head": cfg.lm_head, "skip": list(cfg.skip)}
+    if cfg.bits == 4:
+        section["group_size"] = cfg.group_size
+    return section
+
+
+def _report(model: nn.Module, cfg: QuantConfig, chosen: list[str], kept: list[str]) -> QuantReport:
+    params = quant_bytes = 0
+    for name in chosen:
+        module = model.get_submodule(name)
+        params += module.in_features * module.out_features
+        quant_bytes += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return QuantReport(cfg.method, chosen, kept, params, 4 * params, quant_bytes)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def swap_in_empty(model: nn.Module, section: dict, names: set[str]) -> None:
+    """Before loading a quantized checkpoint: replace the linears it stores as codes (`names`)."""
+    bits, group = section.get("bits"), section.get("group_size")
+    if bits not in (4, 8) or (bits == 4 and group not in GROUP_SIZES):
+        raise SlmError(f"the checkpoint's quantization section {section} is not one slmkit writes")
+
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        if name not in names:
+            return None
+        bias = linear.bias is not None
+        if bits == 8:
+            return Int8Linear(linear.in_features, linear.out_features, bias)
+        return Int4Linear(linear.in_features, linear.out_features, group, bias)
+
+    swap_linears(model, make)
+
+
+def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """An HF-style directory: config.json with the `slmkit_quantization` section, codes in safetensors.
+
+    Written whole into PATH.partial and then renamed, so an interrupted run never leaves a
+    half-written checkpoint under the target name (an older one there is replaced only at the end).
+    """
+    import shutil
+
+    from slmkit.interop.hf import save_hf
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_hf(model, tokenizer, partial, dtype=torch.float32)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        partial.rename(path)
+        shutil.rmtree(old)
+    else:
+        partial.rename(path)
+    return path

@@ -1,0 +1,211 @@
+"""Weight-only quantized linears that run on PyTorch's packed CPU kernels.
+
+`Int8Linear`: one int8 code per weight and one fp32 scale per output row, multiplied by
+`aten._weight_int8pack_mm` (int8 weights are read straight into the dot products). Activations
+enter both kernels in bf16 (see `_kernel_input`); outputs come back in the caller's dtype.
+`Int4Linear`: asymmetric 4-bit codes in groups of `group_size` input columns, each group with a
+scale and an integer zero point: w = (q - zero) * scale. At load the codes are repacked into the
+layout of `aten._weight_int4pack_mm_for_cpu`, whose formula is w = (q - 8) * scale + offset, so
+offset = (8 - zero) * scale. Neither module dequantizes the whole matrix on the hot path.
+
+Checkpoint layout (what `state_dict` holds, independent of the kernel's private packing):
+    int8: qweight int8 (N, K), scales fp32 (N,)
+    int4: qweight uint8 (N, Kp/2) two codes per byte (low nibble = even column), scales fp32
+          (N, G), zeros uint8 (N, G); Kp = K rounded up to the group size (padding columns
+          multiply zero activations), G = Kp / group_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_INNER_K_TILES = 2  # the CPU kernel accepts 2, 4 or 8; it only changes its internal layout
+KERNEL_ROWS = 16  # the int4 kernel packs output rows in blocks of 16
+PAD_BUFFER_ROWS = 8  # inputs of up to this many rows (decoding) reuse a padded buffer per layer
+
+
+class QuantLinear(nn.Module):
+    """Shared bookkeeping: shapes, an optional float bias, scales cached per activation dtype."""
+
+    bits = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._cast: dict = {}  # dtype -> scales in that dtype; ("pad", rows) -> padded input buffer
+
+    def _cached(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if dtype == tensor.dtype:
+            return tensor
+        if dtype not in self._cast:
+            self._cast[dtype] = tensor.to(dtype)
+        return self._cast[dtype]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + "scales" in state_dict:  # a checkpoint loaded "in bf16" still gets exact scales
+            state_dict[prefix + "scales"] = state_dict[prefix + "scales"].float()
+        self._cast.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class Int8Linear(QuantLinear):
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+
+    @classmethod
+    def from_codes(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        module = cls(qweight.shape[1], qweight.shape[0], bias is not None)
+        module.qweight.copy_(qweight)
+        module.scales.copy_(scales)
+        if bias is not None:
+            module.bias.copy_(bias)
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = _kernel_input(x.reshape(-1, self.in_features))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._cached(self.scales, x2.dtype))
+        return self._finish(y.to(x.dtype), shape)
+
+
+class Int4Linear(QuantLinear):
+    """4-bit group-wise weights; the packed kernel tensors live in non-persistent buffers."""
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        self.padded_in = -(-in_features // group_size) * group_size
+        self.padded_out = -(-out_features // KERNEL_ROWS) * KERNEL_ROWS
+        groups = self.padded_in // group_size
+        # kernel layout, filled by `set_codes` / loading: (Np, Kp/2) uint8 and (G, Np, 2) scale+offset
+        self.register_buffer("packed", torch.zeros(self.padded_out, self.padded_in // 2, dtype=torch.uint8),
+                             persistent=False)
+        self.register_buffer("scale_offset", torch.zeros(groups, self.padded_out, 2), persistent=False)
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   in_features: int, bias: torch.Tensor | None = None):
+        """codes: (N, Kp) integers in [0, 15]; scales/zeros: (N, G)."""
+        module = cls(in_features, codes.shape[0], group_size, bias is not None)
+        module.set_codes(codes, scales, zeros)
+        if bias is not None:
+            module.bias.copy_(bias)
+        return module
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+        extra = self.padded_out - self.out_features  # the kernel wants rows in multiples of 16; extras are cut off
+        codes = F.pad(codes.to(torch.int32), (0, 0, 0, extra))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_INNER_K_TILES)
+        scales, offset = F.pad(self.scales, (0, 0, 0, extra)), F.pad((8 - self.zeros.float()) * self.scales,
+                                                                      (0, 0, 0, extra))  # (Np, G)
+        self.scale_offset = torch.stack([scales.t(), offset.t()], dim=-1).contiguous()  # (G, Np, 2)
+        self._cast.clear()
+
+    def codes(self) -> torch.Tensor:
+        """The (N, Kp) codes, recovered from the kernel's packing (see `kernel_layout`)."""
+        source = kernel_layout(self.padded_out, self.padded_in)
+        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
+        codes = torch.empty(self.padded_out * self.padded_in, dtype=torch.uint8)
+        codes[source] = nibbles
+        return codes.reshape(self.padded_out, self.padded_in)[: self.out_features]
+
+    def dequantized(self) -> torch.Tensor:
+        """(N, K) float weights: the exact values the kernel multiplies by."""
+        g = self.group_size
+        codes = self.codes().float().reshape(self.out_features, -1, g)
+        w = (codes - self.zeros.float()[..., None]) * self.scales[..., None]
+        return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        x2 = _kernel_input(x2) if self.padded_in == self.in_features else self._padded(x2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                       self._cached(self.scale_offset, x2.dtype))
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        return self._finish(y.to(x.dtype), shape)
+
+    def _padded(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) cast into zero-padded (M, Kp) bf16, in one copy: a reused buffer for decode-sized M."""
+        rows = x2.shape[0]
+        if rows > PAD_BUFFER_ROWS:
+            return F.pad(x2.to(KERNEL_DTYPE), (0, self.padded_in - self.in_features)).contiguous()
+        key = ("pad", rows)
+        if key not in self._cast:
+            self._cast[key] = torch.zeros(rows, self.padded_in, dtype=KERNEL_DTYPE)
+        buffer = self._cast[key]
+        buffer[:, : self.in_features].copy_(x2)
+        return buffer
+
+    # The checkpoint holds plain nibble-packed codes; the kernel packing is rebuilt on load.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        codes = self.codes()
+        destination[prefix + "qweight"] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        qweight = state_dict.pop(prefix + "qweight", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if qweight is None:
+            missing_keys.append(prefix + "qweight")
+            return
+        if tuple(qweight.shape) != (self.out_features, self.padded_in // 2):
+            error_msgs.append(f"{prefix}qweight has shape {tuple(qweight.shape)}, expected "
+                              f"{(self.out_features, self.padded_in // 2)}")
+            return
+        codes = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(self.out_features, self.padded_in)
+        self.set_codes(codes, self.scales, self.zeros)
+
+
+KERNEL_DTYPE = torch.bfloat16
+
+
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """Activations in bf16: both kernels have vectorized bf16 paths, while their fp32 paths are
+    scalar loops on CPUs without AVX-512 (measured ~10x slower than an fp32 GEMV on AMD Zen 3).
+    Weights are already 8 or 4 bits, so bf16 activations cost little accuracy (see bench/quantize.py)."""
+    return x.to(KERNEL_DTYPE).contiguous()
+
+
+def kernel_layout(n: int, k: int) -> torch.Tensor:
+    """For each nibble of the kernel's (n, k/2) packing (low then high), the flat index n*k + col it holds.
+
+    Why probe instead of hard-coding: the CPU kernel's tile layout is private to PyTorch and may
+    change between releases. Packing matrices whose codes spell out their own index, 4 bits at a
+    time, recovers it from the op itself; it is only needed when saving, never per token.
+    """
+    index = torch.arange(n * k, dtype=torch.int64)
+    source = torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(int(n * k - 1).bit_length(), 1), 4):
+        digits = ((index >> shift) & 15).to(torch.int32).reshape(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, INT4_INNER_K_TILES)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64)
+        source |= nibbles << shift
+    return source
