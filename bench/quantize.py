@@ -15,6 +15,7 @@ and Q4_0 GGUF exports on the same windows. Writes bench/results/quantize.json an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -76,14 +77,14 @@ def quality(model, windows: torch.Tensor, reference: list[torch.Tensor]) -> tupl
     return math.exp(statistics.mean(nll)), statistics.mean(kls)
 
 
-def make_variant(name: str, settings: dict | None, out: Path, tokenizer) -> tuple[Path, float, str]:
-    loaded = load("smollm2-135m-instruct", dtype=torch.float32)
-    started = time.perf_counter()
+def make_variant(name: str, settings: dict | None, out: Path, reference, tokenizer) -> tuple[Path, float, str]:
     if settings is None:
-        save_hf(loaded.model, tokenizer, out, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
+        save_hf(reference, tokenizer, out, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
         return out, 0.0, "float checkpoint"
-    report = quantize_model(loaded.model, QuantConfig(**settings), tokenizer)
-    save_quantized(loaded.model, tokenizer, out)
+    model = copy.deepcopy(reference)  # quantization works in place; the reference stays for KL
+    started = time.perf_counter()
+    report = quantize_model(model, QuantConfig(**settings), tokenizer)
+    save_quantized(model, tokenizer, out)
     return out, time.perf_counter() - started, report.summary()
 
 
@@ -188,7 +189,7 @@ def main() -> None:
             seconds, summary = made["seconds"], made["summary"]
         else:
             shutil.rmtree(runs / name, ignore_errors=True)
-            path, seconds, summary = make_variant(name, VARIANTS[name], runs / name, tokenizer)
+            path, seconds, summary = make_variant(name, VARIANTS[name], runs / name, reference_model, tokenizer)
             previous.write_text(json.dumps({"seconds": seconds, "summary": summary}))
         dtype = torch.bfloat16 if name == "bf16" else torch.float32
         model = load(str(path), dtype=dtype).model

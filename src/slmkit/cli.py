@@ -312,16 +312,15 @@ def cmd_quantize(args) -> int:
     import torch
 
     from slmkit.load import load
-    from slmkit.quant.api import QuantConfig, quantize_model, save_quantized, targets
+    from slmkit.quant.api import QuantConfig, quantize_model, save_quantized
 
     _setup_threads(args)
     cfg = QuantConfig(method=args.method, group_size=args.group_size, pad_groups=args.pad_groups,
                       lm_head=not args.keep_lm_head, calib=args.calib, calib_samples=args.calib_samples,
                       calib_seq_len=args.calib_seq_len, act_order=args.act_order, skip=args.skip)
     loaded = load(args.model, dtype=torch.float32)
-    targets(loaded.model, cfg)  # every setting is checked before any work
     started = time.perf_counter()
-    report = quantize_model(loaded.model, cfg, loaded.tokenizer)
+    report = quantize_model(loaded.model, cfg, loaded.tokenizer)  # checks every setting before any work
     out = save_quantized(loaded.model, loaded.tokenizer, args.out)
     print(report.summary())
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s")

@@ -259,3 +259,8 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
             messages=messages, add_generation_prompt=add_generation_prompt, **extra)
     except TemplateError as err:
         raise SlmError(f"chat template failed: {err}") from err
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """True when two tokenizers map the same strings to the same ids (so their logits line up)."""
+    return a.backend.get_vocab() == b.backend.get_vocab()

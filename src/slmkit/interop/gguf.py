@@ -309,14 +309,15 @@ def _export_tensors(model):
 
 def float_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with quantized linears given back as float `weight`s."""
+    from slmkit.quant.qlinear import quantized_modules
+
     state = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if getattr(module, "bits", 0):
-            for key in [k for k in state if k.startswith(name + ".")]:
-                del state[key]
-            state[f"{name}.weight"] = module.dequantized()
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias
+    for name, module in quantized_modules(model):
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state[f"{name}.weight"] = module.dequantized()
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias
     return state
 
 

@@ -164,7 +164,9 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     dtype = dtype or next(model.parameters()).dtype
-    quantized = tuple(f"{name}." for name, m in model.named_modules() if getattr(m, "bits", 0))
+    from slmkit.quant.qlinear import quantized_modules
+
+    quantized = tuple(f"{name}." for name, _ in quantized_modules(model))
     state = {k: (v.detach() if k.startswith(quantized) or not v.is_floating_point() else v.detach().to(dtype))
              .contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}

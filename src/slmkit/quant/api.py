@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from slmkit.errors import SlmError
 from slmkit.layers import swap_linears
-from slmkit.quant.qlinear import Int4Linear, Int8Linear, QuantLinear
+from slmkit.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.quant.rtn import Int4Codes, quantize_int4, quantize_int8
 
 METHODS = ("int8", "int4", "gptq", "awq")
@@ -202,17 +202,24 @@ def _load_codes(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
     return _int4_module(linear, q)
 
 
+def _present_groups(names: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(whole SHARED_INPUTS group, its members being quantized) for each group with any member in `names`."""
+    groups = [(group, [n for n in group if n in names]) for group in SHARED_INPUTS]
+    return [(group, present) for group, present in groups if present]
+
+
 def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
     from slmkit.quant.gptq import HessianTap, gptq_int4
 
-    groups = [[n for n in group if n in names] for group in SHARED_INPUTS]
-    groups = [g for g in groups if g]
-    taps = {g[0]: HessianTap(block.get_submodule(g[0]), block.get_submodule(g[0]).in_features) for g in groups}
+    groups = _present_groups(names)
+    # one tap per shared input, on the group's first linear (skipped or not, it reads the same input)
+    taps = {group: HessianTap(block.get_submodule(group[0]), block.get_submodule(group[0]).in_features)
+            for group, _ in groups}
     inputs.run(block, advance=False)
     made = {}
-    for group in groups:
-        h = taps[group[0]].close()
-        for name in group:
+    for group, present in groups:
+        h = taps[group].close()
+        for name in present:
             linear = block.get_submodule(name)
             made[name] = _load_codes(linear, gptq_int4(linear.weight, h, cfg.group_size, cfg.damp, cfg.act_order))
     return made
@@ -231,18 +238,14 @@ def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> 
     #    its feeder), before anything is rounded: down's feeder up_proj must be scaled before it is
     #    quantized; 2) clip and round each linear against the inputs it now reads (x / s).
     reads = {}
-    for group in SHARED_INPUTS:
-        group = [n for n in group if n in names]
-        if not group:
-            continue
+    for group, present in _present_groups(names):
         x = captured[group[0]]
-        linears = [block.get_submodule(n) for n in group]
-        whole = len(group) == len(next(g for g in SHARED_INPUTS if g[0] == group[0]))
-        if group[0] in feeders and whole:
+        if group[0] in feeders and len(present) == len(group):  # a scale must reach every reader of the input
+            linears = [block.get_submodule(n) for n in group]
             s = search_scales(x, [lin.weight for lin in linears], cfg.group_size)
             apply_scales(feeders[group[0]], linears, s)
             x = x / s
-        reads.update({name: x for name in group})
+        reads.update({name: x for name in present})
     made = {}
     for name, x in reads.items():
         linear = block.get_submodule(name)
@@ -305,10 +308,6 @@ def _report(model: nn.Module, cfg: QuantConfig, chosen: list[str], kept: list[st
         params += module.in_features * module.out_features
         quant_bytes += sum(t.numel() * t.element_size() for t in module.state_dict().values())
     return QuantReport(cfg.method, chosen, kept, params, 4 * params, quant_bytes)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 def swap_in_empty(model: nn.Module, section: dict, names: set[str]) -> None:

@@ -14,7 +14,7 @@ import torch
 from slmkit.data.shared import shared_data_dir
 from slmkit.errors import SlmError
 from slmkit.model import CausalLM, attention_mask, rope_cos_sin
-from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer import Tokenizer, same_vocabulary
 
 DEFAULT_CALIB = "corpus/wikitext2/valid.txt"  # the first part only; evaluation reads from the end
 DEFAULT_CALIB_CHARS = 400_000
@@ -64,7 +64,7 @@ def _prepared_ids(path: Path, tokenizer: Tokenizer, needed: int) -> list[int]:
                        "give a text file or a prepared directory")
     if (path / "tokenizer.json").is_file():
         theirs = Tokenizer.from_dir(path)
-        if theirs.backend.get_vocab() != tokenizer.backend.get_vocab():
+        if not same_vocabulary(theirs, tokenizer):
             raise SlmError(f"the calibration data in '{path}' was tokenized with a different tokenizer "
                            f"({theirs.vocab_size} tokens) than the model's ({tokenizer.vocab_size}); prepare it with "
                            "`slm prepare ... --tokenizer MODEL` or pass a plain-text file")

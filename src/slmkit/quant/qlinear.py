@@ -17,6 +17,8 @@ Checkpoint layout (what `state_dict` holds, independent of the kernel's private 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,6 +189,11 @@ class Int4Linear(QuantLinear):
 KERNEL_DTYPE = torch.bfloat16
 
 
+def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """(name, module) of every quantized linear in `model`."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """Activations in bf16: both kernels have vectorized bf16 paths, while their fp32 paths are
     scalar loops on CPUs without AVX-512 (measured ~10x slower than an fp32 GEMV on AMD Zen 3).
@@ -194,6 +201,7 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x.to(KERNEL_DTYPE).contiguous()
 
 
+@functools.lru_cache(maxsize=4)  # a model's linears come in a handful of shapes; saving probes each once
 def kernel_layout(n: int, k: int) -> torch.Tensor:
     """For each nibble of the kernel's (n, k/2) packing (low then high), the flat index n*k + col it holds.
 

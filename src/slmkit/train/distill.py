@@ -26,7 +26,7 @@ from slmkit.data.loader import Layout, TokenStream, validation_batches
 from slmkit.errors import SlmError
 from slmkit.layers import cpu_has_native_bf16
 from slmkit.presets import DEFAULT_MODEL
-from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer import Tokenizer, same_vocabulary
 from slmkit.train import dist
 from slmkit.train.kd import DIVERGENCES, HIDDEN_LOSSES, DistillLoss, KDConfig
 from slmkit.train.loop import TrainConfig, TrainResult, train
@@ -138,10 +138,6 @@ def build_student(cfg: DistillConfig, tokenizer: Tokenizer, teacher_vocab: int) 
     if config.vocab_size == 0:  # follow the teacher's rows so the two distributions line up
         config = config.replace(vocab_size=max(teacher_vocab, tokenizer.vocab_size))
     return build_model(config, tokenizer, cfg.train.seq_len, cfg.init_seed)
-
-
-def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.backend.get_vocab() == b.backend.get_vocab()
 
 
 def _tokenizer_mismatch(cfg: DistillConfig, data_tok: Tokenizer, teacher_tok: Tokenizer) -> str:
