@@ -71,6 +71,55 @@ def test_kernel_layout_is_a_permutation():
 # -- calibrated methods ---------------------------------------------------------------------------
 
 
+def test_siblings_share_one_int4_kernel_call_and_give_the_same_logits(tmp_path):
+    from slmkit.infer.engine import Engine
+    from slmkit.infer.sampling import SamplingParams
+    from slmkit.quant.fused import fuse_shared_inputs
+
+    model = _tiny()
+    quantize_model(model, QuantConfig(method="int4", group_size=32), progress=False)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.shared_kernel is attn.v_proj.shared_kernel is not None
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    prompt = ids[0].tolist()
+    fused_logits = model(ids)
+    fused_tokens = Engine(model).generate([prompt], SamplingParams(max_new_tokens=8))[0].tokens
+    calls = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
+        model(ids)
+    assert len(calls) == 2 * 4 + 1  # per block: q/k/v, o, gate/up, down; then the head
+    attn.k_proj(torch.randn(3, attn.k_proj.in_features))  # a sibling called alone still answers
+    for m in {id(m.shared_kernel): m.shared_kernel for m in model.modules() if getattr(m, "shared_kernel", None)}.values():
+        m.dissolve()
+    assert torch.equal(model(ids), fused_logits)
+    assert Engine(model).generate([prompt], SamplingParams(max_new_tokens=8))[0].tokens == fused_tokens
+    assert fuse_shared_inputs(model) == 4  # 2 blocks x (q/k/v, gate/up)
+    save_quantized(model, None, tmp_path / "q")  # checkpoint tensors are read back from the shared packing
+    from slmkit.load import load
+
+    assert torch.equal(load(str(tmp_path / "q")).model(ids), fused_logits)
+
+
+@pytest.mark.parametrize("heights", [(64, 128, 128), (48, 16, 16)])  # stacked packings / repacked codes
+def test_a_shared_kernel_gives_each_sibling_its_own_output(heights):
+    from slmkit.quant.fused import SharedInputKernel
+
+    g = torch.Generator().manual_seed(0)
+    siblings = [Int4Linear.from_codes(torch.randint(0, 16, (n, 96), generator=g), torch.rand(n, 3, generator=g),
+                                      torch.randint(0, 16, (n, 3), generator=g).to(torch.uint8), 32, 96)
+                for n in heights]
+    x = torch.randn(5, 96, generator=g)
+    alone, weights = [m(x) for m in siblings], [m.dequantized() for m in siblings]
+    kernel = SharedInputKernel(siblings)
+    for m in siblings:
+        m.shared_kernel = kernel
+    for m, expected, weight in zip(siblings, alone, weights):
+        assert torch.equal(m(x), expected)
+        assert torch.equal(m.dequantized(), weight)  # codes still read back from the shared packing
+
+
 def _output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
     return (x @ (wq - w).T).pow(2).mean().item()
 

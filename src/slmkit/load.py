@@ -146,6 +146,10 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise SlmError(f"weights do not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.quantization:
+        from slmkit.quant.fused import fuse_shared_inputs
+
+        fuse_shared_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.tie_weights()
     model.reset_rope()
     return model.eval()

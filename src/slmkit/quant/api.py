@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from slmkit.errors import SlmError
 from slmkit.layers import swap_linears
+from slmkit.quant.fused import fuse_shared_inputs
 from slmkit.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.quant.rtn import Int4Codes, quantize_int4, quantize_int8
 
@@ -147,6 +148,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None, progress:
             raise SlmError(f"{cfg.method} needs the model's tokenizer to read calibration text")
         made = _calibrated(model, cfg, tokenizer, chosen, progress)
     swap_linears(model, lambda name, _linear: made.get(name))
+    fuse_shared_inputs(model)
     model.config.quantization = _section(cfg)
     return _report(model, cfg, chosen, kept)
 
@@ -228,6 +230,7 @@ def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) ->
 def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
     from slmkit.quant.awq import apply_scales, search_clip, search_scales
 
+    errors = _awq_output_errors(block, inputs)
     captured = _capture_inputs(block, inputs, [g[0] for g in SHARED_INPUTS])
     attn = block.self_attn
     feeders = {"self_attn.q_proj": block.input_layernorm, "mlp.gate_proj": block.post_attention_layernorm,
@@ -242,17 +245,36 @@ def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> 
         x = captured[group[0]]
         if group[0] in feeders and len(present) == len(group):  # a scale must reach every reader of the input
             linears = [block.get_submodule(n) for n in group]
-            s = search_scales(x, [lin.weight for lin in linears], cfg.group_size)
+            error = errors[group[0]](linears) if group[0] in errors else None
+            s = search_scales(x, [lin.weight for lin in linears], cfg.group_size, error)
             apply_scales(feeders[group[0]], linears, s)
             x = x / s
         reads.update({name: x for name in present})
     made = {}
     for name, x in reads.items():
         linear = block.get_submodule(name)
-        if not name.endswith(("q_proj", "k_proj")):  # as in the paper: q/k errors wash out in the softmax
+        if not name.endswith(("q_proj", "k_proj")):  # as in the paper: clipping q/k hurts (measured too)
             linear.weight.copy_(search_clip(x, linear.weight, cfg.group_size))
         made[name] = _load_codes(linear, quantize_int4(linear.weight, cfg.group_size))
     return made
+
+
+AWQ_INSPECT_SAMPLES = 8  # calibration windows on which a q/k/v or gate/up scale is scored
+
+
+def _awq_output_errors(block: nn.Module, inputs) -> dict[str, object]:
+    """For the q/k/v and gate/up groups: a maker of the error function that scores candidate weights
+    on the attention output and on the MLP output (the paper's `module2inspect`), from the float
+    block's inputs to them on the first few calibration windows."""
+    from slmkit.quant.awq import module_output_error
+
+    x = inputs.x[:AWQ_INSPECT_SAMPLES]  # (n, T, C)
+    attn, mlp = block.self_attn, block.mlp
+    attn_in = block.input_layernorm(x)
+    mlp_in = block.post_attention_layernorm(x + attn(attn_in, inputs.cos, inputs.sin, inputs.mask, inputs.is_causal))
+    return {"self_attn.q_proj": lambda linears: module_output_error(
+                linears, lambda: attn(attn_in, inputs.cos, inputs.sin, inputs.mask, inputs.is_causal)),
+            "mlp.gate_proj": lambda linears: module_output_error(linears, lambda: mlp(mlp_in))}
 
 
 def _capture_inputs(block: nn.Module, inputs, names: list[str]) -> dict[str, torch.Tensor]:
@@ -278,11 +300,11 @@ def _quantize_head(model, inputs, cfg: QuantConfig) -> nn.Module:
         tap = HessianTap(head, head.in_features)
         head(inputs.final_norm()[:: max(1, inputs.tokens // 16384)])
         return _load_codes(head, gptq_int4(head.weight, tap.close(), cfg.group_size, cfg.damp, cfg.act_order))
-    from slmkit.quant.awq import apply_scales, search_clip, search_scales
+    from slmkit.quant.awq import HEAD_SEARCH_TOKENS, apply_scales, search_clip, search_scales
 
     # the final norm feeds only the head, so it takes the head's 1/s like input_layernorm does for q/k/v
     x = inputs.final_norm()[:: max(1, inputs.tokens // 16384)]
-    s = search_scales(x, [head.weight], cfg.group_size)
+    s = search_scales(x, [head.weight], cfg.group_size, tokens=HEAD_SEARCH_TOKENS)
     apply_scales(model.model.norm, [head], s)
     x = x / s
     head.weight.copy_(search_clip(x, head.weight, cfg.group_size))

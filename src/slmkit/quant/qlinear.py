@@ -105,6 +105,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scale_offset", torch.zeros(groups, self.padded_out, 2), persistent=False)
         self.register_buffer("scales", torch.ones(out_features, groups))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.shared_kernel = None  # a `fused.SharedInputKernel` shared with sibling linears, if fused
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -117,6 +118,8 @@ class Int4Linear(QuantLinear):
         return module
 
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        if self.shared_kernel is not None:
+            self.shared_kernel.dissolve()
         self.scales.copy_(scales)
         self.zeros.copy_(zeros)
         extra = self.padded_out - self.out_features  # the kernel wants rows in multiples of 16; extras are cut off
@@ -143,14 +146,19 @@ class Int4Linear(QuantLinear):
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        x2 = _kernel_input(x2) if self.padded_in == self.in_features else self._padded(x2)
+        if self.shared_kernel is not None:
+            return self._finish(self.shared_kernel.output(self, x), x.shape)
+        x2 = self.kernel_input(x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
                                                        self._cached(self.scale_offset, x2.dtype))
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
-        return self._finish(y.to(x.dtype), shape)
+        return self._finish(y.to(x.dtype), x.shape)
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) as the kernel's (M, Kp) bf16 operand."""
+        x2 = x.reshape(-1, self.in_features)
+        return _kernel_input(x2) if self.padded_in == self.in_features else self._padded(x2)
 
     def _padded(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) cast into zero-padded (M, Kp) bf16, in one copy: a reused buffer for decode-sized M."""
