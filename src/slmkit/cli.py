@@ -108,6 +108,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
+    p = sub.add_parser("eval", help="benchmark tasks (lm-evaluation-harness formats) or a text's perplexity",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EPILOG)
+    _add_model(p, optional=True)
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks (default: the suite hellaswag,arc_easy,arc_challenge,piqa,winogrande,"
+                        "boolq,mmlu,gsm8k); `--tasks list` shows them all")
+    p.add_argument("--shots", default=None, help="few-shot examples, e.g. 0 or 0,5 (default: each task's own: "
+                                                 "0, and 5 for gsm8k); several values report the gain")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (results do not depend on it)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws")
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: ../shared/data/eval)")
+    p.add_argument("--perplexity", metavar="FILE", default=None,
+                   help="instead of tasks: perplexity and bits per byte of a text file (sliding window)")
+    p.add_argument("--stride", type=int, default=None, help="--perplexity: new tokens per window (default: half "
+                                                          "the context)")
+    p.add_argument("--endpoint", metavar="URL", default=None,
+                   help="score the model served at this OpenAI-compatible URL instead (e.g. http://127.0.0.1:8000); "
+                        "MODEL is then the served model's name; the key comes from $OPENAI_API_KEY")
+    p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/eval/<model>-<time>.json)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision in memory")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    p = sub.add_parser("bench", help="on-device latency and memory: TTFT, prefill and decode tokens/s, peak memory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EPILOG)
+    p.add_argument("models", nargs="*", default=[DEFAULT_MODEL],
+                   help="GGUF files, HF directories or preset names (presets run with random weights)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (never stops early)")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,8)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per batch size after one warm-up")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision in memory")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"also measure the presets {', '.join(('tiny', 'smollm2-135m', 'openelm-270m', 'smollm2-360m', 'qwen2-0.5b'))} "
+                        "and plot decode speed against size")
+    p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/bench/bench-<time>.json)")
+
+    p = sub.add_parser("report", help="a markdown report and plots comparing variants from results JSON files")
+    p.add_argument("results", nargs="+", help="JSON files or folders written by slm eval, slm bench or bench/quantize.py")
+    p.add_argument("-o", "--out", default="runs/report", help="output folder (report.md and PNG plots)")
+
     p = sub.add_parser("export", help="write a model for other runtimes (GGUF for llama.cpp / ollama)")
     export_sub = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
     p = export_sub.add_parser("gguf", help="a llama-architecture GGUF file with the tokenizer and chat template")
@@ -151,6 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return parser
 
+
+EVAL_EPILOG = """examples:
+  slm eval --tasks list
+  slm eval smollm2-135m-instruct --tasks arc_easy,piqa --limit 200      # a quick look (~2 min)
+  slm eval smollm2-135m-instruct                                         # the whole suite (see README)
+  slm eval runs/smollm2-gptq --tasks mmlu --shots 0,5                    # the in-context-learning gain
+  slm eval smollm2-135m-instruct --perplexity ../shared/data/corpus/wikitext2/valid.txt
+
+Prompt formats and metrics follow lm-evaluation-harness (each task's docstring quotes them);
+results do not depend on --batch-size and are the same on every run.
+"""
+
+BENCH_EPILOG = """examples:
+  slm bench                                                   # the bundled SmolLM2-135M
+  slm bench smollm2-135m-instruct runs/smollm2-int8 --batch 1,8
+  slm bench --sweep --prompt-tokens 128 --new-tokens 32       # how architecture changes latency here
+
+Each model is measured in its own process (its own peak memory and load time); one warm-up run is
+excluded and the median of --runs is reported with its min and max.
+"""
 
 QUANTIZE_EPILOG = """examples:
   slm quantize smollm2-135m-instruct --method int8 -o runs/smollm2-int8
@@ -327,6 +389,104 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import re
+    import time
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from slmkit.errors import SlmError
+    from slmkit.evals.api import evaluate, model_info, parse_shots, results_table, save_results
+    from slmkit.evals.tasks import DEFAULT_SUITE, TASKS
+    from slmkit.load import load
+
+    if args.tasks == "list":
+        print("tasks: " + ", ".join(TASKS) + ", mmlu_SUBJECT (one MMLU subject, e.g. mmlu_anatomy)")
+        return 0
+    _setup_threads(args)
+    shots = parse_shots(args.shots)
+    names = [t.strip() for t in (args.tasks or ",".join(DEFAULT_SUITE)).split(",") if t.strip()]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name) or "model"
+    out = args.output or Path("runs") / "eval" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.endpoint:
+        from slmkit.evals.endpoint import EndpointLM
+
+        if args.perplexity:
+            raise SlmError("--perplexity needs the model's weights here; it does not work with --endpoint")
+        lm = EndpointLM(args.endpoint, args.model, os.environ.get("OPENAI_API_KEY"))
+        doc = evaluate(lm, names, shots, args.limit, args.seed, args.data_dir, model_name=f"{args.endpoint} {args.model}")
+        Console().print(results_table(doc))
+        print(f"wrote {save_results(doc, out)}")
+        return 0
+    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    if loaded.tokenizer is None:
+        raise SlmError("this model has no tokenizer; evaluation reads text (load a GGUF or an HF directory "
+                       "with tokenizer.json)")
+    if args.perplexity:
+        from slmkit.evals.perplexity import text_perplexity
+
+        result = text_perplexity(loaded.model, loaded.tokenizer, args.perplexity, stride=args.stride)
+        print(result.summary())
+        doc = {"model": args.model, "model_info": model_info(loaded),
+               "perplexity": {**result.__dict__, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}}
+    else:
+        from slmkit.evals.lm import LocalLM
+
+        lm = LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
+        doc = evaluate(lm, names, shots, args.limit, args.seed, args.data_dir, model_name=args.model)
+        doc["model_info"] = model_info(loaded)
+        Console().print(results_table(doc))
+    print(f"wrote {save_results(doc, out)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from slmkit.errors import SlmError
+    from slmkit.evals.api import save_results
+    from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, bench_table, measure, sweep_plot
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(",") if b.strip())
+    except ValueError:
+        raise SlmError(f"--batch takes whole numbers separated by commas (e.g. 1,8), not '{args.batch}'") from None
+    if not batches or min(batches) < 1 or args.runs < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
+        raise SlmError("--batch values and --runs must be >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
+    settings = BenchSettings(args.prompt_tokens, args.new_tokens, batches, args.runs, args.threads, args.dtype)
+    models = list(dict.fromkeys(args.models + (list(SWEEP_PRESETS) if args.sweep else [])))
+    results = []
+    for spec in models:
+        print(f"measuring {spec} ...", flush=True)
+        results.append(measure(spec, settings))
+    Console().print(bench_table(results, settings))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.output or Path("runs") / "bench" / f"bench-{stamp}.json")
+    doc = {"settings": asdict(settings), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "results": [asdict(r) for r in results]}
+    save_results(json.loads(json.dumps(doc)), out)
+    print(f"wrote {out}")
+    if args.sweep:
+        print(f"wrote {sweep_plot(results, out.with_suffix('.png'))}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from slmkit.evals.report import write_report
+
+    print(f"wrote {write_report([Path(p) for p in args.results], Path(args.out))}")
+    return 0
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -431,6 +591,7 @@ def cmd_demo(args) -> int:
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
          "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "export": cmd_export,
+         "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report,
          "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
          "pretrain": cmd_pretrain, "distill": cmd_distill, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
 

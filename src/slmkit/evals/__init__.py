@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks in lm-evaluation-harness's formats, perplexity, hallucination checks."""

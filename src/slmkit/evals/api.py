@@ -1,0 +1,120 @@
+"""`evaluate`: run a list of tasks (at one or more shot counts) and collect a results document;
+`save_results` writes it atomically as JSON; `results_table` renders it for a terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from slmkit.errors import SlmError
+from slmkit.evals.runner import DEFAULT_SEED, run_task
+from slmkit.evals.tasks import make_task
+
+
+def default_data_dir() -> Path:
+    from slmkit.data.shared import shared_data_dir
+
+    shared = shared_data_dir()
+    if shared is None:
+        raise SlmError("the shared evaluation data (../shared/data/eval) is not here; pass --data-dir DIR")
+    return shared / "eval"
+
+
+def parse_shots(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SlmError(f"--shots takes whole numbers separated by commas (e.g. 0,5), not '{text}'") from None
+    if not shots or any(s < 0 for s in shots):
+        raise SlmError(f"--shots must list numbers >= 0, not '{text}'")
+    return shots
+
+
+def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: int | None = None,
+             seed: int = DEFAULT_SEED, data_dir: Path | None = None, progress: bool = True,
+             model_name: str = "model") -> dict:
+    """Score `lm` on every task (each at `shots`, or its own default) and return the results document."""
+    from slmkit import __version__
+
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    tasks = [make_task(name, data_dir) for name in task_names]  # unknown names fail before any work
+    if limit is not None and limit < 1:
+        raise SlmError("--limit must be at least 1")
+    results = []
+    for task in tasks:
+        for k in shots if shots is not None else [task.default_shots]:
+            if progress:
+                print(f"{task.name} ({k}-shot)", flush=True)
+            results.append(asdict(run_task(lm, task, k, limit, seed, progress)))
+    return {"model": model_name, "slmkit_version": __version__, "seed": seed, "limit": limit,
+            "batch_size": getattr(lm, "batch_size", None), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "results": results, "fewshot_gain": fewshot_gain(results)}
+
+
+def fewshot_gain(results: list[dict]) -> dict:
+    """For tasks run at several shot counts: each metric at k shots minus at the fewest shots."""
+    by_task: dict[str, list[dict]] = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r)
+    gains = {}
+    for task, runs in by_task.items():
+        if len(runs) < 2:
+            continue
+        base = min(runs, key=lambda r: r["shots"])
+        gains[task] = {f"{r['shots']}-shot": {m: v - base["metrics"][m] for m, v in r["metrics"].items()}
+                       for r in runs if r is not base}
+    return gains
+
+
+def model_info(loaded) -> dict:
+    """What a report needs to place a variant: parameters, file size and bits per linear weight."""
+    model = loaded.model
+    section = getattr(model.config, "quantization", None) or {}
+    from slmkit.quant.qlinear import quantized_modules
+
+    params = sum(p.numel() for p in model.parameters()) + sum(  # quantized weights are buffers, not parameters
+        m.in_features * m.out_features for _, m in quantized_modules(model))
+    bits = section.get("bits") or {"bfloat16": 16, "float16": 16}.get(str(model.model.embed_tokens.weight.dtype)
+                                                                      .removeprefix("torch."), 32)
+    source_bits = None
+    if loaded.source.tensor_types:  # a GGUF: the storage type of most tensors (e.g. Q8_0) says more
+        source_bits = max(loaded.source.tensor_types, key=loaded.source.tensor_types.get)
+    return {"params": params, "file_mib": loaded.source.file_bytes / 2**20, "bits": bits,
+            "quantization": section.get("method"), "gguf_type": source_bits}
+
+
+def save_results(doc: dict, path: str | Path) -> Path:
+    """Written to PATH.partial, then renamed: a crash never leaves half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def results_table(doc: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{doc['model']} (seed {doc['seed']}" + (f", limit {doc['limit']})" if doc["limit"] else ")"))
+    for column in ("task", "shots", "metric", "value", "± stderr", "n", "seconds", "notes"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "notes") else "right")
+    for r in doc["results"]:
+        notes = []
+        if r["skipped"]:
+            notes.append(f"{r['skipped']} malformed rows skipped (first: {r['extra'].get('first_bad_row')})")
+        if r["truncated"]:
+            notes.append(f"{r['truncated']} prompts cut from the left to fit the context")
+        for i, (metric, value) in enumerate(r["metrics"].items()):
+            err = r["stderr"].get(metric)
+            table.add_row(r["task"] if i == 0 else "", str(r["shots"]) if i == 0 else "", metric,
+                          f"{value:.4f}", "" if err is None or math.isnan(err) else f"{err:.4f}",
+                          str(r["n"]) if i == 0 else "", f"{r['seconds']:.0f}" if i == 0 else "",
+                          "; ".join(notes) if i == 0 else "")
+    return table

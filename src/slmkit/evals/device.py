@@ -1,0 +1,164 @@
+"""On-device latency and memory: what a model costs to run here, before or after training it.
+
+Each model is measured in its own fresh Python process (so peak resident memory and load time are
+its own, not the sum of everything measured before): load, one warm-up generation (excluded),
+then `runs` timed generations per batch size of a fixed random prompt, never stopping early.
+Reported per batch size: time to first token (the prefill), prefill tokens/s, decode tokens/s
+(all rows together), each as the median with min and max over the runs; plus load seconds, peak
+resident memory (VmHWM) and the weights' file size. Presets run with random weights, so a user
+can see how depth, width, GQA and vocabulary change latency on their machine before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from slmkit.errors import SlmError
+
+SWEEP_PRESETS = ("tiny", "smollm2-135m", "openelm-270m", "smollm2-360m", "qwen2-0.5b")
+
+
+@dataclass
+class BenchSettings:
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    batches: tuple[int, ...] = (1,)
+    runs: int = 3
+    threads: int | None = None
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class ModelBench:
+    model: str
+    params: int
+    file_mib: float
+    load_s: float
+    peak_mib: float
+    dtype: str
+    threads: int
+    batches: dict[str, dict] = field(default_factory=dict)  # "1" -> {metric: {median, min, max}}
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
+    """Measure in this process (the worker side of `measure`)."""
+    import torch
+
+    from slmkit.infer.engine import Engine
+    from slmkit.infer.sampling import SamplingParams
+    from slmkit.load import load
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True)
+    load_s = time.perf_counter() - started
+    model, config = loaded.model, loaded.model.config
+    if settings.prompt_tokens + settings.new_tokens > config.max_position_embeddings:
+        raise SlmError(f"{spec}: {settings.prompt_tokens} + {settings.new_tokens} tokens exceed its "
+                       f"{config.max_position_embeddings}-token context")
+    engine = Engine(model)
+    generator = torch.Generator().manual_seed(settings.seed)
+    params = SamplingParams(max_new_tokens=settings.new_tokens)  # no stop tokens: always the full count
+    result = ModelBench(spec, sum(p.numel() for p in model.parameters()), loaded.source.file_bytes / 2**20, load_s,
+                        0.0, settings.dtype, torch.get_num_threads())
+    for batch in settings.batches:
+        prompts = torch.randint(0, config.vocab_size, (batch, settings.prompt_tokens), generator=generator).tolist()
+        engine.reset()
+        engine.generate(prompts, SamplingParams(max_new_tokens=4))  # warm-up: allocations, kernel selection
+        ttft, prefill, decode = [], [], []
+        for _ in range(settings.runs):
+            engine.reset()
+            g = engine.generate(prompts, params)[0]
+            ttft.append(g.prefill_seconds)
+            prefill.append(batch * settings.prompt_tokens / g.prefill_seconds)
+            decode.append(batch * g.decode_tokens_per_second)
+        result.batches[str(batch)] = {"ttft_s": _spread(ttft), "prefill_tok_s": _spread(prefill),
+                                      "decode_tok_s": _spread(decode)}
+    result.peak_mib = _peak_mib()
+    return result
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def measure(spec: str, settings: BenchSettings) -> ModelBench:
+    """Measure `spec` in a fresh process and return its numbers."""
+    from slmkit.load import resolve
+
+    resolve(spec)  # a bad name or path fails here, with the close names, before a process starts
+    command = [sys.executable, "-m", "slmkit.evals.device", spec, json.dumps(asdict(settings))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        raise SlmError(f"benchmarking {spec} failed: {tail}")
+    return ModelBench(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def bench_table(results: list[ModelBench], settings: BenchSettings):
+    from rich.table import Table
+
+    table = Table(title=f"{settings.prompt_tokens}-token prompt, {settings.new_tokens} new tokens, "
+                        f"{settings.dtype}, median of {settings.runs} (min-max)")
+    for column in ("model", "params", "batch", "TTFT s", "prefill tok/s", "decode tok/s", "load s", "peak MiB",
+                   "file MiB"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def cell(d: dict, digits: int) -> str:
+        return f"{d['median']:.{digits}f} ({d['min']:.{digits}f}-{d['max']:.{digits}f})"
+
+    for r in results:
+        for i, (batch, m) in enumerate(r.batches.items()):
+            table.add_row(r.model if i == 0 else "", f"{r.params / 1e6:.1f}M" if i == 0 else "", batch,
+                          cell(m["ttft_s"], 3), cell(m["prefill_tok_s"], 0), cell(m["decode_tok_s"], 1),
+                          f"{r.load_s:.2f}" if i == 0 else "", f"{r.peak_mib:.0f}" if i == 0 else "",
+                          f"{r.file_mib:.1f}" if i == 0 and r.file_mib else "")
+    return table
+
+
+def sweep_plot(results: list[ModelBench], path: Path) -> Path:
+    """Decode tokens/s (batch 1 or the first batch measured) against parameters, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in results:
+        first = next(iter(r.batches.values()))
+        ax.scatter(r.params / 1e6, first["decode_tok_s"]["median"])
+        ax.annotate(r.model, (r.params / 1e6, first["decode_tok_s"]["median"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (millions, log scale)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Latency is not only parameter count: depth, width, GQA, vocabulary")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # worker: python -m slmkit.evals.device SPEC SETTINGS_JSON
+    raw = json.loads(sys.argv[2])
+    raw["batches"] = tuple(raw["batches"])
+    print(json.dumps(asdict(measure_here(sys.argv[1], BenchSettings(**raw)))))

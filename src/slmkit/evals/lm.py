@@ -1,0 +1,161 @@
+"""What a task asks of a model: the log-likelihood of a continuation after a context, and greedy
+generation until a stop string. `LocalLM` answers from an slmkit model; `evals.endpoint` from any
+OpenAI-compatible server.
+
+Log-likelihoods follow lm-evaluation-harness: the context and continuation are tokenized
+separately (the context's trailing spaces move onto the continuation), the context is cut from the
+left so that it fits beside the continuation, and the continuation's tokens are scored. Unlike the
+harness, the choices of a question do not each re-run their shared context: it runs once into a
+KV cache (a 4-choice HellaSwag question costs about half as much).
+
+Batch-size invariance: each row of a batch is right-padded, so no row sees another, and a
+question's scores never depend on other questions. The BLAS kernels may still round a row
+differently when the batch shape changes (last-bit differences), so scores are rounded to
+`ROUND_NATS` before anyone compares them: the same documents get the same answers with
+--batch-size 1 or 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from slmkit.errors import SlmError
+
+ROUND_NATS = 1e-4
+
+
+@dataclass
+class LoglikelihoodRequest:
+    context: str
+    continuation: str
+
+
+@dataclass
+class Score:
+    logprob: float  # summed over the continuation's tokens, rounded to ROUND_NATS
+    greedy: bool  # every continuation token is the model's argmax (LAMBADA's accuracy)
+    tokens: int  # continuation tokens
+    truncated: bool  # the context was cut from the left to fit the model
+
+
+class LocalLM:
+    """An slmkit model and its tokenizer, scored in batches of `batch_size` rows."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.max_length = min(max_length or model.config.max_position_embeddings,
+                              model.config.max_position_embeddings)
+        self.name = getattr(model.config, "name", None) or "model"
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of the context and of the continuation, as lm-evaluation-harness splits them."""
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:  # "Answer: " + "Paris" is scored as "Answer:" + " Paris"
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer.encode(context + continuation, add_special=False)
+        ctx = self.tokenizer.encode(context, add_special=False)
+        return whole[: len(ctx)], whole[len(ctx):]
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: list[LoglikelihoodRequest], progress: bool = True) -> list[Score]:
+        """Requests that share a context (a question's choices) run it once into a KV cache; their
+        continuations then run together as rows over copies of that cache."""
+        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        groups: dict[tuple[int, ...], list[int]] = {}  # context ids -> its requests, in request order
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise SlmError(f"request {i} has an empty continuation: nothing to score")
+            groups.setdefault(tuple(ctx), []).append(i)
+        scores: list[Score | None] = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc="log-likelihoods", unit="req", disable=not progress, leave=False)
+        for ctx, members in groups.items():
+            for i, score in zip(members, self._score_group(list(ctx), [pairs[i][1] for i in members])):
+                scores[i] = score
+            bar.update(len(members))
+        bar.close()
+        return scores  # type: ignore[return-value]
+
+    def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[Score]:
+        longest = max(len(c) for c in conts)
+        room = self.max_length + 1 - longest  # context tokens that fit beside the longest continuation
+        if room < 1:  # a continuation alone overflows the context: score each one alone, as the harness does
+            return [self._score_alone(ctx, cont) for cont in conts]
+        truncated = len(ctx) > room
+        ctx = ctx[-room:] if truncated else ctx
+        if not ctx:  # nothing to condition the first token on: lm-eval puts the BOS/EOS token there
+            ctx = [self._prefix_token()]
+        span = len(ctx) + longest - 1
+        cache = self.model.new_cache(1, span)
+        first = torch.log_softmax(self.model(torch.tensor([ctx]), cache=cache, logits_to_keep=1)[0, -1].float(), -1)
+        rest: dict[int, torch.Tensor] = {}  # continuation index -> (len - 1, V) log-probs of its later tokens
+        longer = [j for j, c in enumerate(conts) if len(c) > 1]
+        for start in range(0, len(longer), self.batch_size):
+            chunk = longer[start : start + self.batch_size]
+            rows = [conts[j][:-1] for j in chunk]
+            ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # right padding
+            for r, row in enumerate(rows):
+                ids[r, : len(row)] = torch.tensor(row)
+            logits = self.model(ids, cache=_repeated(self.model, cache, len(rows), span))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (rows, T, V)
+            rest.update({j: logprobs[r, : len(conts[j]) - 1] for r, j in enumerate(chunk)})
+        return [_score(first, rest.get(j), cont, truncated) for j, cont in enumerate(conts)]
+
+    def _score_alone(self, ctx: list[int], cont: list[int]) -> Score:
+        """lm-evaluation-harness's rule: the last max_length + 1 tokens of context + continuation,
+        of which the continuation's tokens that remain are scored."""
+        whole = ([self._prefix_token()] + ctx + cont)[-(self.max_length + 1):]
+        n = min(len(cont), len(whole) - 1)
+        logprobs = torch.log_softmax(self.model(torch.tensor([whole[:-1]]), logits_to_keep=n)[0].float(), -1)
+        first, rest = logprobs[0], (logprobs[1:] if n > 1 else None)
+        return _score(first, rest, whole[-n:], truncated=True)
+
+    def _prefix_token(self) -> int:
+        tok = self.tokenizer
+        return next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+
+    @torch.inference_mode()
+    def generate_until(self, prompts: list[str], until: list[str], max_new_tokens: int,
+                       progress: bool = True) -> list[tuple[str, bool]]:
+        """(greedy continuation cut at the first stop string, prompt truncated) for each prompt, one
+        at a time (batch-invariant); a prompt longer than the context keeps its end."""
+        from slmkit.generate import TextGenerator
+        from slmkit.infer.sampling import SamplingParams
+
+        generator = TextGenerator(self.model, self.tokenizer, self.max_length)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        room = generator.context_length - min(max_new_tokens, generator.context_length - 1)
+        outputs = []
+        for prompt in tqdm(prompts, desc="generating", unit="doc", disable=not progress, leave=False):
+            truncated = len(self.tokenizer.encode(prompt)) > room
+            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text
+            outputs.append((_cut(text, until), truncated))
+        return outputs
+
+
+def _repeated(model, cache, rows: int, span: int):
+    """A cache of `rows` rows, each a copy of the one-row `cache`'s filled slots."""
+    big = model.new_cache(rows, span, cache.keys[0].dtype)
+    for mine, theirs in zip(big.keys + big.values, cache.keys + cache.values):
+        mine[:, :, : cache.length] = theirs[:, :, : cache.length]
+    big.length = cache.length
+    return big
+
+
+def _score(first: torch.Tensor, rest: torch.Tensor | None, cont: list[int], truncated: bool) -> Score:
+    """A continuation's summed log-likelihood: its first token from the context's last position
+    (`first`, (V,)), the others from its own row (`rest`, (len - 1, V))."""
+    total = first[cont[0]].item()
+    greedy = int(first.argmax()) == cont[0]
+    if rest is not None:
+        target = torch.tensor(cont[1:])
+        total += rest.gather(-1, target[:, None]).sum().item()
+        greedy = greedy and bool((rest.argmax(-1) == target).all())
+    return Score(round(total / ROUND_NATS) * ROUND_NATS, greedy, len(cont), truncated)
+
+
+def _cut(text: str, until: list[str]) -> str:
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]

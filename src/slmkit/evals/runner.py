@@ -1,0 +1,98 @@
+"""Run tasks against a model: few-shot contexts, batched scoring, per-task metrics with stderr.
+
+Reproducibility: document i of a task always gets the same few-shot examples (drawn with a
+random.Random seeded by (seed, task, i), so --limit does not change them), requests are scored
+in a fixed order, and scores are rounded before comparison (see `evals.lm`), so a result does not
+depend on the batch size or on the run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from slmkit.evals.tasks.base import GenerateTask, MultipleChoiceTask, Task, TaskResult
+
+DEFAULT_SEED = 1234
+
+
+def fewshot_context(task: Task, doc: dict, index: int, shots: int, seed: int, pool: list[dict] | None) -> str:
+    """description + k examples + delimiters, as lm-evaluation-harness lays them out."""
+    head = task.description(doc)
+    if shots == 0:
+        return head
+    rng = random.Random(f"{seed}:{task.name}:{index}")
+    examples = task.fewshot_examples(doc, pool, shots, rng)
+    return head + task.fewshot_delimiter.join(task.fewshot_example(d) for d in examples) + task.fewshot_delimiter
+
+
+def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = DEFAULT_SEED,
+             progress: bool = True, on_docs: Callable[[int], None] | None = None) -> TaskResult:
+    started = time.perf_counter()
+    docs = task.eval_docs()
+    rows = docs.rows[:limit] if limit else docs.rows
+    pool = task.fewshot_docs().rows if shots else None
+    contexts = [fewshot_context(task, doc, i, shots, seed, pool) for i, doc in enumerate(rows)]
+    if isinstance(task, MultipleChoiceTask):
+        per_doc, truncated = _multiple_choice(lm, task, rows, contexts, progress)
+    elif isinstance(task, GenerateTask):
+        per_doc, truncated = _generate(lm, task, rows, contexts, progress)
+    else:
+        raise TypeError(f"{task.name}: unknown task kind {task.kind}")
+    metrics, stderr = aggregate(per_doc)
+    result = TaskResult(task.name, shots, len(rows), metrics, stderr, time.perf_counter() - started,
+                        docs.skipped, truncated)
+    if docs.skipped:
+        result.extra["first_bad_row"] = docs.first_bad
+    grouped = getattr(task, "group_of", None)
+    if grouped is not None:
+        result.extra.update(group_metrics([grouped(d) for d in rows], per_doc))
+        result.metrics["acc_macro"] = result.extra["macro_acc"]
+    return result
+
+
+def _multiple_choice(lm, task: MultipleChoiceTask, rows, contexts, progress) -> tuple[list[dict], int]:
+    from slmkit.evals.lm import LoglikelihoodRequest
+
+    spans, flat = [], []
+    for doc, context in zip(rows, contexts):
+        requests = task.requests(doc, context)
+        spans.append((len(flat), len(requests)))
+        flat.extend(LoglikelihoodRequest(r.context, r.continuation) for r in requests)
+    scores = lm.loglikelihood(flat, progress=progress)
+    per_doc = []
+    for doc, (start, count) in zip(rows, spans):
+        mine = scores[start : start + count]
+        per_doc.append(task.score(doc, [s.logprob for s in mine], [s.greedy for s in mine]))
+    return per_doc, sum(any(s.truncated for s in scores[a : a + c]) for a, c in spans)
+
+
+def _generate(lm, task: GenerateTask, rows, contexts, progress) -> tuple[list[dict], int]:
+    prompts = [task.prompt(doc, context) for doc, context in zip(rows, contexts)]
+    outputs = lm.generate_until(prompts, list(task.until), task.max_new_tokens, progress=progress)
+    per_doc = [task.score(doc, text) for doc, (text, _) in zip(rows, outputs)]
+    return per_doc, sum(t for _, t in outputs)
+
+
+def aggregate(per_doc: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean of each metric and its standard error (sample stdev / sqrt(n), as lm-evaluation-harness)."""
+    if not per_doc:
+        return {}, {}
+    metrics, stderr = {}, {}
+    for name in per_doc[0]:
+        values = [d[name] for d in per_doc]
+        metrics[name] = statistics.fmean(values)
+        stderr[name] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return metrics, stderr
+
+
+def group_metrics(groups: list[str], per_doc: list[dict[str, float]]) -> dict:
+    """Per-group accuracy and n (MMLU's subjects) and their unweighted (macro) mean."""
+    by_group: dict[str, list[float]] = {}
+    for g, d in zip(groups, per_doc):
+        by_group.setdefault(g, []).append(d["acc"])
+    subjects = {g: {"acc": statistics.fmean(v), "n": len(v)} for g, v in sorted(by_group.items())}
+    return {"groups": subjects, "macro_acc": statistics.fmean(s["acc"] for s in subjects.values())}
