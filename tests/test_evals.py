@@ -248,3 +248,11 @@ def test_hallucination_check_counts_answers_outside_the_label_set():
     assert result.examples == ["Dragon pox", ""] and result.hallucination_rate == pytest.approx(2 / 7)
     with pytest.raises(SlmError, match="empty"):
         check_labels(["x"], [" "])
+
+
+def test_limits_take_the_first_documents_and_every_mmlu_subject(tiny_model, tiny_tokenizer, data_dir):
+    doc = evaluate(LocalLM(tiny_model, tiny_tokenizer), ["mmlu", "winogrande"], limit={"mmlu": 1, "winogrande": 3},
+                   data_dir=data_dir / "eval", progress=False)
+    mmlu, wino = doc["results"]
+    assert mmlu["n"] == 57 and len(mmlu["extra"]["groups"]) == 57 and wino["n"] == 3
+    assert mmlu["metrics"]["acc_macro"] == pytest.approx(mmlu["metrics"]["acc"])  # one question per subject

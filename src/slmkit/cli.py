@@ -113,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, optional=True)
     p.add_argument("--tasks", default=None,
                    help="comma-separated tasks (default: the suite hellaswag,arc_easy,arc_challenge,piqa,winogrande,"
-                        "boolq,mmlu,gsm8k); `--tasks list` shows them all")
+                        "boolq,mmlu,gsm8k, under an hour for a 135M model); `--tasks list` shows them all")
     p.add_argument("--shots", default=None, help="few-shot examples, e.g. 0 or 0,5 (default: each task's own: "
                                                  "0, and 5 for gsm8k); several values report the gain")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N documents of each task (MMLU: of each subject); the default suite "
+                        "uses its own limits (see README), other tasks default to all documents")
+    p.add_argument("--full", action="store_true", help="the default suite on every document (hours, not minutes)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (results do not depend on it)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws")
     p.add_argument("--data-dir", default=None, help="evaluation data folder (default: ../shared/data/eval)")
@@ -408,6 +411,9 @@ def cmd_eval(args) -> int:
     _setup_threads(args)
     shots = parse_shots(args.shots)
     names = [t.strip() for t in (args.tasks or ",".join(DEFAULT_SUITE)).split(",") if t.strip()]
+    limit = args.limit
+    if limit is None and not args.tasks and not args.full:
+        limit = dict(DEFAULT_SUITE)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name) or "model"
     out = args.output or Path("runs") / "eval" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.endpoint:
@@ -416,7 +422,7 @@ def cmd_eval(args) -> int:
         if args.perplexity:
             raise SlmError("--perplexity needs the model's weights here; it does not work with --endpoint")
         lm = EndpointLM(args.endpoint, args.model, os.environ.get("OPENAI_API_KEY"))
-        doc = evaluate(lm, names, shots, args.limit, args.seed, args.data_dir, model_name=f"{args.endpoint} {args.model}")
+        doc = evaluate(lm, names, shots, limit, args.seed, args.data_dir, model_name=f"{args.endpoint} {args.model}")
         Console().print(results_table(doc))
         print(f"wrote {save_results(doc, out)}")
         return 0
@@ -435,7 +441,7 @@ def cmd_eval(args) -> int:
         from slmkit.evals.lm import LocalLM
 
         lm = LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
-        doc = evaluate(lm, names, shots, args.limit, args.seed, args.data_dir, model_name=args.model)
+        doc = evaluate(lm, names, shots, limit, args.seed, args.data_dir, model_name=args.model)
         doc["model_info"] = model_info(loaded)
         Console().print(results_table(doc))
     print(f"wrote {save_results(doc, out)}")

@@ -36,22 +36,25 @@ def parse_shots(text: str | None) -> list[int] | None:
     return shots
 
 
-def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: int | None = None,
+def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: int | dict | None = None,
              seed: int = DEFAULT_SEED, data_dir: Path | None = None, progress: bool = True,
              model_name: str = "model") -> dict:
-    """Score `lm` on every task (each at `shots`, or its own default) and return the results document."""
+    """Score `lm` on every task (each at `shots`, or its own default) and return the results document.
+
+    limit: documents per task (MMLU: per subject), one number for all or {task: number or None}."""
     from slmkit import __version__
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     tasks = [make_task(name, data_dir) for name in task_names]  # unknown names fail before any work
-    if limit is not None and limit < 1:
+    limits = limit if isinstance(limit, dict) else {name: limit for name in task_names}
+    if any(v is not None and v < 1 for v in limits.values()):
         raise SlmError("--limit must be at least 1")
     results = []
     for task in tasks:
         for k in shots if shots is not None else [task.default_shots]:
             if progress:
                 print(f"{task.name} ({k}-shot)", flush=True)
-            results.append(asdict(run_task(lm, task, k, limit, seed, progress)))
+            results.append(asdict(run_task(lm, task, k, limits.get(task.name), seed, progress)))
     return {"model": model_name, "slmkit_version": __version__, "seed": seed, "limit": limit,
             "batch_size": getattr(lm, "batch_size", None), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "results": results, "fewshot_gain": fewshot_gain(results)}
@@ -102,7 +105,9 @@ def save_results(doc: dict, path: str | Path) -> Path:
 def results_table(doc: dict):
     from rich.table import Table
 
-    table = Table(title=f"{doc['model']} (seed {doc['seed']}" + (f", limit {doc['limit']})" if doc["limit"] else ")"))
+    limit = doc["limit"]
+    shown = "" if not limit else f", limit {limit}" if not isinstance(limit, dict) else ", default-suite limits"
+    table = Table(title=f"{doc['model']} (seed {doc['seed']}{shown})")
     for column in ("task", "shots", "metric", "value", "± stderr", "n", "seconds", "notes"):
         table.add_column(column, justify="left" if column in ("task", "metric", "notes") else "right")
     for r in doc["results"]:

@@ -33,7 +33,7 @@ def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = D
              progress: bool = True, on_docs: Callable[[int], None] | None = None) -> TaskResult:
     started = time.perf_counter()
     docs = task.eval_docs()
-    rows = docs.rows[:limit] if limit else docs.rows
+    rows = _first(task, docs.rows, limit)
     pool = task.fewshot_docs().rows if shots else None
     contexts = [fewshot_context(task, doc, i, shots, seed, pool) for i, doc in enumerate(rows)]
     if isinstance(task, MultipleChoiceTask):
@@ -52,6 +52,23 @@ def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = D
         result.extra.update(group_metrics([grouped(d) for d in rows], per_doc))
         result.metrics["acc_macro"] = result.extra["macro_acc"]
     return result
+
+
+def _first(task: Task, rows: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` documents; for a task of groups (MMLU's subjects) the first `limit` of each."""
+    if not limit:
+        return rows
+    group_of = getattr(task, "group_of", None)
+    if group_of is None:
+        return rows[:limit]
+    seen: dict[str, int] = {}
+    kept = []
+    for doc in rows:
+        group = group_of(doc)
+        if seen.get(group, 0) < limit:
+            seen[group] = seen.get(group, 0) + 1
+            kept.append(doc)
+    return kept
 
 
 def _multiple_choice(lm, task: MultipleChoiceTask, rows, contexts, progress) -> tuple[list[dict], int]:
