@@ -441,8 +441,10 @@ def cmd_eval(args) -> int:
         from slmkit.evals.lm import LocalLM
 
         lm = LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
-        doc = evaluate(lm, names, shots, limit, args.seed, args.data_dir, model_name=args.model)
-        doc["model_info"] = model_info(loaded)
+        info = model_info(loaded)
+        doc = evaluate(lm, names, shots, limit, args.seed, args.data_dir, model_name=args.model,
+                       on_result=lambda partial: save_results({**partial, "model_info": info, "partial": True}, out))
+        doc["model_info"] = info
         Console().print(results_table(doc))
     print(f"wrote {save_results(doc, out)}")
     return 0

@@ -38,10 +38,11 @@ def parse_shots(text: str | None) -> list[int] | None:
 
 def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: int | dict | None = None,
              seed: int = DEFAULT_SEED, data_dir: Path | None = None, progress: bool = True,
-             model_name: str = "model") -> dict:
+             model_name: str = "model", on_result=None) -> dict:
     """Score `lm` on every task (each at `shots`, or its own default) and return the results document.
 
-    limit: documents per task (MMLU: per subject), one number for all or {task: number or None}."""
+    limit: documents per task (MMLU: per subject), one number for all or {task: number or None}.
+    on_result(doc so far): called after each task, so a long run can save what it has."""
     from slmkit import __version__
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -55,9 +56,15 @@ def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: i
             if progress:
                 print(f"{task.name} ({k}-shot)", flush=True)
             results.append(asdict(run_task(lm, task, k, limits.get(task.name), seed, progress)))
-    return {"model": model_name, "slmkit_version": __version__, "seed": seed, "limit": limit,
+            if on_result is not None:
+                on_result(_document(model_name, __version__, seed, limit, lm, results))
+    return _document(model_name, __version__, seed, limit, lm, results)
+
+
+def _document(model_name, version, seed, limit, lm, results) -> dict:
+    return {"model": model_name, "slmkit_version": version, "seed": seed, "limit": limit,
             "batch_size": getattr(lm, "batch_size", None), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "results": results, "fewshot_gain": fewshot_gain(results)}
+            "results": list(results), "fewshot_gain": fewshot_gain(results)}
 
 
 def fewshot_gain(results: list[dict]) -> dict:
