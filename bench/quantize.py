@@ -89,17 +89,14 @@ def make_variant(name: str, settings: dict | None, out: Path, reference, tokeniz
 
 
 def peak_memory_mib(path: Path, dtype: str) -> float:
-    """Peak resident memory (VmHWM) of a fresh process that loads the checkpoint and generates 16 tokens.
-
-    VmHWM, not getrusage's ru_maxrss: a child started by fork+exec reports its parent's maximum there.
-    """
+    """Peak resident memory (VmHWM) of a fresh process that loads the checkpoint and generates 16 tokens."""
     code = (f"import torch; from slmkit.load import load; from slmkit.infer.engine import Engine; "
             f"from slmkit.infer.sampling import SamplingParams; m = load({str(path)!r}, dtype=torch.{dtype}).model; "
             f"Engine(m).generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=16)); "
-            f"print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+            f"from slmkit.evals.device import peak_rss_mib; print(peak_rss_mib())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def weights_bytes(path: Path) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -100,12 +99,12 @@ def model_info(loaded) -> dict:
 
 
 def save_results(doc: dict, path: str | Path) -> Path:
-    """Written to PATH.partial, then renamed: a crash never leaves half a results file."""
+    """Written under a temporary name, then renamed: a crash never leaves half a results file."""
+    from slmkit.interop.hf import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
     return path
 
 

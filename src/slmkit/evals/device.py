@@ -87,11 +87,13 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
             decode.append(batch * g.decode_tokens_per_second)
         result.batches[str(batch)] = {"ttft_s": _spread(ttft), "prefill_tok_s": _spread(prefill),
                                       "decode_tok_s": _spread(decode)}
-    result.peak_mib = _peak_mib()
+    result.peak_mib = peak_rss_mib()
     return result
 
 
-def _peak_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM; getrusage's ru_maxrss would report a forking
+    parent's maximum for a child started by fork+exec)."""
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
@@ -135,27 +137,11 @@ def bench_table(results: list[ModelBench], settings: BenchSettings):
 
 def sweep_plot(results: list[ModelBench], path: Path) -> Path:
     """Decode tokens/s (batch 1 or the first batch measured) against parameters, one point per model."""
-    import matplotlib
+    from slmkit.evals.report import scatter_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in results:
-        first = next(iter(r.batches.values()))
-        ax.scatter(r.params / 1e6, first["decode_tok_s"]["median"])
-        ax.annotate(r.model, (r.params / 1e6, first["decode_tok_s"]["median"]), fontsize=8,
-                    textcoords="offset points", xytext=(4, 4))
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (millions, log scale)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Latency is not only parameter count: depth, width, GQA, vocabulary")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    points = [(r.params / 1e6, next(iter(r.batches.values()))["decode_tok_s"]["median"], r.model) for r in results]
+    return scatter_plot(points, "parameters (millions, log scale)", "decode tokens/s", path, log_x=True,
+                        title="Latency is not only parameter count: depth, width, GQA, vocabulary")
 
 
 if __name__ == "__main__":  # worker: python -m slmkit.evals.device SPEC SETTINGS_JSON

@@ -17,7 +17,7 @@ import urllib.request
 from tqdm import tqdm
 
 from slmkit.errors import SlmError
-from slmkit.evals.lm import ROUND_NATS, LoglikelihoodRequest, Score, _cut
+from slmkit.evals.lm import ROUND_NATS, LoglikelihoodRequest, Score, move_trailing_spaces
 
 
 class EndpointLM:
@@ -44,10 +44,7 @@ class EndpointLM:
     def loglikelihood(self, requests: list[LoglikelihoodRequest], progress: bool = True) -> list[Score]:
         scores = []
         for r in tqdm(requests, desc="log-likelihoods", unit="req", disable=not progress, leave=False):
-            context, continuation = r.context, r.continuation
-            spaces = len(context) - len(context.rstrip(" "))
-            if spaces:  # as `LocalLM.encode_pair`: trailing spaces belong to the continuation
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            context, continuation = move_trailing_spaces(r.context, r.continuation)
             answer = self._post("/completions", {"prompt": context + continuation, "echo": True, "max_tokens": 0,
                                                  "logprobs": 1, "temperature": 0.0})
             scores.append(_score_echo(answer, len(context)))
@@ -61,6 +58,12 @@ class EndpointLM:
                                                  "stop": list(until)[:4]})  # the API takes at most 4 stops
             outputs.append((_cut(answer["choices"][0]["text"], until), False))
         return outputs
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """Servers take at most 4 stop strings: the rest are applied here."""
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]
 
 
 def _score_echo(answer: dict, context_chars: int) -> Score:

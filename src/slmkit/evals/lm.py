@@ -29,8 +29,14 @@ ROUND_NATS = 1e-4
 
 @dataclass
 class LoglikelihoodRequest:
-    context: str
+    context: str  # few-shot examples included
     continuation: str
+
+
+def move_trailing_spaces(context: str, continuation: str) -> tuple[str, str]:
+    """"Answer: " + "Paris" is scored as "Answer:" + " Paris", as lm-evaluation-harness does."""
+    spaces = len(context) - len(context.rstrip(" "))
+    return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
 
 
 @dataclass
@@ -48,13 +54,10 @@ class LocalLM:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.max_length = min(max_length or model.config.max_position_embeddings,
                               model.config.max_position_embeddings)
-        self.name = getattr(model.config, "name", None) or "model"
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of the context and of the continuation, as lm-evaluation-harness splits them."""
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:  # "Answer: " + "Paris" is scored as "Answer:" + " Paris"
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context, continuation = move_trailing_spaces(context, continuation)
         whole = self.tokenizer.encode(context + continuation, add_special=False)
         ctx = self.tokenizer.encode(context, add_special=False)
         return whole[: len(ctx)], whole[len(ctx):]
@@ -130,8 +133,8 @@ class LocalLM:
         outputs = []
         for prompt in tqdm(prompts, desc="generating", unit="doc", disable=not progress, leave=False):
             truncated = len(self.tokenizer.encode(prompt)) > room
-            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text
-            outputs.append((_cut(text, until), truncated))
+            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text  # cut at the stop
+            outputs.append((text, truncated))
         return outputs
 
 
@@ -154,8 +157,3 @@ def _score(first: torch.Tensor, rest: torch.Tensor | None, cont: list[int], trun
         total += rest.gather(-1, target[:, None]).sum().item()
         greedy = greedy and bool((rest.argmax(-1) == target).all())
     return Score(round(total / ROUND_NATS) * ROUND_NATS, greedy, len(cont), truncated)
-
-
-def _cut(text: str, until: list[str]) -> str:
-    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
-    return text[:cut]

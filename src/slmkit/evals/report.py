@@ -125,8 +125,12 @@ def _plot(variants: dict[str, Variant], out_dir: Path, x: str, y: str, xlabel: s
           name: str) -> Path | None:
     points = [(getattr(v, x), getattr(v, y), v.name) for v in variants.values()
               if getattr(v, x) is not None and getattr(v, y) is not None]
-    if len(points) < 1:
-        return None
+    return scatter_plot(points, xlabel, ylabel, out_dir / name) if points else None
+
+
+def scatter_plot(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, path: Path,
+                 title: str | None = None, log_x: bool = False) -> Path:
+    """One labelled point per (x, y, label), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,11 +140,15 @@ def _plot(variants: dict[str, Variant], out_dir: Path, x: str, y: str, xlabel: s
     for px, py, label in points:
         ax.scatter(px, py)
         ax.annotate(label, (px, py), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

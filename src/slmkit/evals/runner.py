@@ -72,13 +72,11 @@ def _first(task: Task, rows: list[dict], limit: int | None) -> list[dict]:
 
 
 def _multiple_choice(lm, task: MultipleChoiceTask, rows, contexts, progress) -> tuple[list[dict], int]:
-    from slmkit.evals.lm import LoglikelihoodRequest
-
     spans, flat = [], []
     for doc, context in zip(rows, contexts):
         requests = task.requests(doc, context)
         spans.append((len(flat), len(requests)))
-        flat.extend(LoglikelihoodRequest(r.context, r.continuation) for r in requests)
+        flat.extend(requests)
     scores = lm.loglikelihood(flat, progress=progress)
     per_doc = []
     for doc, (start, count) in zip(rows, spans):

@@ -170,7 +170,7 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     state = {k: (v.detach() if k.startswith(quantized) or not v.is_floating_point() else v.detach().to(dtype))
              .contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}
-    _atomic(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     _write_json(path / "config.json", config_to_hf(config, dtype))
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if tokenizer is not None:
@@ -181,10 +181,10 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
 
 
 def _write_json(file: Path, data: dict) -> None:
-    _atomic(file, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def _atomic(file: Path, write) -> None:
+def atomic_write(file: Path, write) -> None:
     """Write through a temporary name and rename, so a crash never leaves half a file."""
     tmp = file.with_name(file.name + ".tmp")
     write(tmp)

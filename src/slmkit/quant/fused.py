@@ -36,28 +36,19 @@ class SharedInputKernel:
             self.slices[id(m)] = slice(start, start + m.out_features)
             start += m.padded_out
         rows = tuple(m.padded_out for m in members)
-        if packing_stacks(rows, first.padded_in):  # the usual case: stack the packed rows as they are
-            self.packed = torch.cat([m.packed for m in members])
+        if packing_stacks(rows, first.padded_in):  # the usual case: stack the packed rows as they are,
+            self.packed = torch.cat([m.packed for m in members])  # then each sibling keeps a view of its rows
+            for m, part in zip(members, self.packed.split(rows)):
+                m.packed = part
         else:
             codes = torch.cat([F.pad(m.codes().to(torch.int32), (0, 0, 0, m.padded_out - m.out_features))
                                for m in members])
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_INNER_K_TILES)
         self.scale_offset = torch.cat([m.scale_offset.float() for m in members], dim=1).to(KERNEL_DTYPE)  # (G, ΣNp, 2)
-        self._share_packing(members)
         self._input: torch.Tensor | None = None
         self._version = -1
         self._output: torch.Tensor | None = None
         self._served: set[int] = set()
-
-    def _share_packing(self, members: list[Int4Linear]) -> None:
-        """Point each sibling's packed codes at its rows of the stacked packing when the kernel's
-        private layout makes those rows identical (it packs rows in blocks), so nothing is held twice."""
-        row = 0
-        for m in members:
-            rows = self.packed[row : row + m.padded_out]
-            if rows.shape == m.packed.shape and torch.equal(rows, m.packed):
-                m.packed = rows
-            row += m.padded_out
 
     def output(self, member: Int4Linear, x: torch.Tensor) -> torch.Tensor:
         """member's (M, N) output, in x's dtype, for its input x (..., K).

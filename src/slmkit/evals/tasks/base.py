@@ -9,11 +9,13 @@ with the first bad line number), never silently dropped.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.evals.lm import LoglikelihoodRequest as Request
 
 
 @dataclass
@@ -21,12 +23,6 @@ class Docs:
     rows: list[dict]
     skipped: int = 0
     first_bad: str | None = None  # "file:line" of the first skipped row
-
-
-@dataclass
-class Request:
-    context: str  # few-shot examples are prepended by the runner
-    continuation: str
 
 
 class Task:
@@ -121,13 +117,14 @@ def _argmax(values: list[float]) -> int:
 
 
 def read_jsonl(path: Path, check=None) -> Docs:
-    """Rows of a JSON-lines file; a row that does not parse or fails `check(row)` is skipped and counted
+    """Rows of a JSON-lines file (gzipped if it ends in .gz); a row that does not parse or fails `check(row)` is skipped and counted
     (with its line number in `first_bad`), so one bad line never loses a whole task."""
     if not path.is_file():
         raise SlmError(f"evaluation data {path} is missing; point --data-dir at a copy of the shared "
                        "eval data (../shared/data/eval)")
     docs, index = Docs([]), -1
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

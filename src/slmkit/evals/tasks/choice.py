@@ -10,7 +10,8 @@ import csv
 import re
 from pathlib import Path
 
-from slmkit.evals.tasks.base import Docs, MultipleChoiceTask, read_jsonl
+from slmkit.errors import SlmError
+from slmkit.evals.tasks.base import Docs, MultipleChoiceTask, Request, read_jsonl
 
 
 def _labels(path: Path) -> list[str]:
@@ -22,8 +23,6 @@ def _with_labels(docs: Docs, labels_file: Path, key: str = "label") -> Docs:
     skipped malformed row does not shift the labels of the rows after it)."""
     labels = _labels(labels_file)
     if len(labels) != len(docs.rows) + docs.skipped:
-        from slmkit.errors import SlmError
-
         raise SlmError(f"{labels_file} has {len(labels)} labels for {len(docs.rows) + docs.skipped} rows")
     for row in docs.rows:
         row[key] = int(labels[row["_index"]])
@@ -154,8 +153,6 @@ class WinoGrande(MultipleChoiceTask):
         return self._split(doc)[1]
 
     def requests(self, doc, fewshot):
-        from slmkit.evals.tasks.base import Request
-
         before, after = self._split(doc)
         return [Request(fewshot + before + option, " " + after) for option in self.choices(doc)]
 
@@ -230,8 +227,6 @@ class Mmlu(MultipleChoiceTask):
         folder = self.data_dir / "mmlu" / split
         files = sorted(folder.glob(f"*_{split}.csv"))
         if not files:
-            from slmkit.errors import SlmError
-
             raise SlmError(f"no MMLU {split} files in {folder}; point --data-dir at the shared eval data")
         docs = Docs([])
         for path in files:

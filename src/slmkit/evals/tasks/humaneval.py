@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-import json
-
-from slmkit.evals.sandbox import run_untrusted
-from slmkit.evals.tasks.base import Docs, GenerateTask
 from slmkit.errors import SlmError
+from slmkit.evals.sandbox import run_untrusted
+from slmkit.evals.tasks.base import Docs, GenerateTask, read_jsonl
 
 
 class HumanEval(GenerateTask):
@@ -26,22 +23,8 @@ class HumanEval(GenerateTask):
     timeout = 10.0
 
     def eval_docs(self) -> Docs:
-        path = self.data_dir / "humaneval" / "HumanEval.jsonl.gz"
-        if not path.is_file():
-            raise SlmError(f"evaluation data {path} is missing; point --data-dir at the shared eval data")
-        docs = Docs([])
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    if not all(isinstance(row[k], str) for k in ("prompt", "test", "entry_point")):
-                        raise ValueError
-                except (ValueError, KeyError, TypeError):
-                    docs.skipped += 1
-                    docs.first_bad = docs.first_bad or f"{path.name}:{number}"
-                    continue
-                docs.rows.append(row)
-        return docs
+        return read_jsonl(self.data_dir / "humaneval" / "HumanEval.jsonl.gz",
+                          lambda r: all(isinstance(r[k], str) for k in ("prompt", "test", "entry_point")))
 
     def text(self, doc: dict) -> str:
         return doc["prompt"]
