@@ -31,6 +31,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/quantize.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """What quantization costs in quality and buys in size, memory and speed: SmolLM2-135M, one run.
 
-    python bench/quantize.py [--windows 16] [--kl-windows 4] [--rounds 3] [--new-tokens 64]
+    python bench/quantize.py [--windows 16] [--kl-windows 4] [--rounds 5] [--new-tokens 64] [--compile]
 
 The reference ("fp32") is the bundled GGUF dequantized to fp32. Every variant is made by slmkit,
 saved as a checkpoint and loaded back, then measured on the same text: perplexity over `windows`
@@ -8,8 +8,9 @@ x 512 tokens from the end of the shared WikiText-2 valid text (calibration reads
 KL(reference || variant) of next-token distributions on the first `kl-windows` windows, checkpoint
 file size, peak resident memory of a fresh process that loads the checkpoint and generates 16 tokens,
 and batch-1 decode tokens/s (greedy, 64 new tokens after a 32-token prompt; variants interleaved
-over `rounds` and the median kept). Where llama-cpp-python is installed, llama.cpp runs our Q8_0
-and Q4_0 GGUF exports on the same windows. Writes bench/results/quantize.json and prints a table.
+over `rounds` and the median kept; with --compile, fp32, int8 and int4 g128 are also timed
+through torch.compile, as `slm generate --compile` runs them). Where llama-cpp-python is installed,
+llama.cpp runs our Q8_0 and Q4_0 GGUF exports on the same windows. Writes bench/results/quantize.json and prints a table.
 """
 
 from __future__ import annotations
@@ -147,15 +148,25 @@ def llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs: P
 # -- main -----------------------------------------------------------------------------------------
 
 
+COMPILED = ("fp32", "int8", "int4-rtn-g128")  # `--compile` also times these through torch.compile
+
+
 def decode_speeds(paths: dict[str, Path], dtypes: dict[str, torch.dtype], prompt: list[int], args) -> dict:
-    engines = {name: Engine(load(str(path), dtype=dtypes[name]).model) for name, path in paths.items()}
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    """(name, compiled) -> median decode tokens/s; every engine runs once per round, interleaved."""
+    engines = {(name, False): Engine(load(str(path), dtype=dtypes[name]).model) for name, path in paths.items()}
+    if args.compile:
+        engines.update({(name, True): Engine(load(str(paths[name]), dtype=dtypes[name]).model, compile=True)
+                        for name in COMPILED if name in paths})
+    speeds: dict[tuple[str, bool], list[float]] = {key: [] for key in engines}
     params = SamplingParams(max_new_tokens=args.new_tokens)
+    for key, engine in engines.items():  # the compiled ones compile here, outside the timed rounds
+        if key[1]:
+            engine.generate([prompt], params)
     for _ in range(args.rounds):
-        for name, engine in engines.items():
+        for key, engine in engines.items():
             engine.reset()
-            speeds[name].append(engine.generate([prompt], params)[0].decode_tokens_per_second)
-    return {name: statistics.median(v) for name, v in speeds.items()}
+            speeds[key].append(engine.generate([prompt], params)[0].decode_tokens_per_second)
+    return {key: statistics.median(v) for key, v in speeds.items()}
 
 
 def main() -> None:
@@ -164,6 +175,9 @@ def main() -> None:
     parser.add_argument("--kl-windows", type=int, default=4, help="windows for the KL divergence")
     parser.add_argument("--rounds", type=int, default=5, help="decode timing rounds (median kept)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time {', '.join(COMPILED)} through torch.compile (slm generate --compile); "
+                             "adds ~6 min of compiling")
     parser.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     parser.add_argument("--reuse", action="store_true",
                         help="measure checkpoints already in --runs instead of quantizing again")
@@ -197,8 +211,8 @@ def main() -> None:
         print(f"   ppl {ppl:.3f}  KL {kl:.5f}  {rows[name]['file_mib']:.1f} MiB  {summary}")
         del model
     prompt = windows[0][:32].tolist()
-    for name, speed in decode_speeds(paths, dtypes, prompt, args).items():
-        rows[name]["decode_tok_s"] = speed
+    for (name, compiled), speed in decode_speeds(paths, dtypes, prompt, args).items():
+        rows[name]["decode_compiled_tok_s" if compiled else "decode_tok_s"] = speed
     rows.update(llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs))
     report = {"bench": "quantize", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "eval_tokens": args.windows * WINDOW, "kl_tokens": args.kl_windows * (WINDOW - 1),
@@ -221,13 +235,15 @@ def targets(rows: dict) -> dict:
     for method in ("gptq-int4-g128", "awq-int4-g128"):
         if ref and rtn and get(method, "ppl"):
             out[f"{method}_halves_rtn_increase"] = (get(method, "ppl") - ref) <= 0.5 * (rtn - ref)
-    base = get("fp32", "decode_tok_s")
-    if base:
-        if get("int8", "decode_tok_s"):
-            out["int8_decode_1.5x"] = get("int8", "decode_tok_s") / base >= 1.5
+    for key, suffix in (("decode_tok_s", ""), ("decode_compiled_tok_s", "_compiled")):
+        base = get("fp32", key)
+        if not base:
+            continue
+        if get("int8", key):
+            out[f"int8_decode_1.5x{suffix}"] = get("int8", key) / base >= 1.5
         for name in ("int4-rtn-g128", "int4-rtn-g32"):
-            if get(name, "decode_tok_s"):
-                out[f"{name}_decode_2x"] = get(name, "decode_tok_s") / base >= 2.0
+            if get(name, key):
+                out[f"{name}_decode_2x{suffix}"] = get(name, key) / base >= 2.0
     return out
 
 
@@ -236,16 +252,21 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     rows = report["rows"]
-    base = rows.get("fp32", {}).get("decode_tok_s")
+    compiled = any("decode_compiled_tok_s" in r for r in rows.values())
+    keys = ("decode_tok_s", "decode_compiled_tok_s") if compiled else ("decode_tok_s",)
     table = Table(title=f"SmolLM2-135M quantized ({report['eval_tokens']:,} WikiText-2 tokens, "
                         f"{report['threads']} threads)")
-    for column in ("variant", "ppl", "KL", "file MiB", "peak MiB", "decode tok/s", "x fp32"):
+    columns = ["variant", "ppl", "KL", "file MiB", "peak MiB", "decode tok/s", "x fp32"]
+    columns += ["compiled tok/s", "x fp32 compiled"] if compiled else []
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name, r in rows.items():
-        speed = r.get("decode_tok_s")
-        table.add_row(name, f"{r['ppl']:.3f}", f"{r['kl']:.5f}", f"{r['file_mib']:.1f}",
-                      f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-", f"{speed:.1f}" if speed else "-",
-                      f"{speed / base:.2f}" if speed and base else "-")
+        cells = [name, f"{r['ppl']:.3f}", f"{r['kl']:.5f}", f"{r['file_mib']:.1f}",
+                 f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"]
+        for key in keys:
+            speed, base = r.get(key), rows.get("fp32", {}).get(key)
+            cells += [f"{speed:.1f}" if speed else "-", f"{speed / base:.2f}" if speed and base else "-"]
+        table.add_row(*cells)
     Console().print(table)
     for check, ok in report["targets"].items():
         print(f"{'PASS' if ok else 'MISS'}  {check}")

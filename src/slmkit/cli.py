@@ -47,6 +47,17 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+SERVE_EPILOG = """examples:
+  slm serve                                    # the bundled model on http://127.0.0.1:8000 (chat page at /)
+  slm serve small=runs/student/best big=smollm2-135m-instruct --api-key secret
+  slm serve --route local=runs/student/best --route remote=http://127.0.0.1:8001/v1,model=smollm2-135m-instruct
+
+Routing serves the model name 'auto': each request is answered by the local model unless the
+policy escalates it to the remote one (any OpenAI-compatible URL; key=ENV_VAR names the variable
+holding its API key). The answer's `slmkit_route` field and `x-slmkit-route` header say what happened.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slm", description="slmkit: small language models on your CPU, offline.",
@@ -148,6 +159,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also measure the presets {', '.join(('tiny', 'smollm2-135m', 'openelm-270m', 'smollm2-360m', 'qwen2-0.5b'))} "
                         "and plot decode speed against size")
     p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/bench/bench-<time>.json)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, router, chat page at /)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG)
+    p.add_argument("models", nargs="*", default=[], help=f"models to serve, each as [NAME=]MODEL (default: "
+                   f"{DEFAULT_MODEL}); clients pick one by NAME in the `model` field")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(default: $SLMKIT_API_KEY if set)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests per model before 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all")
+    p.add_argument("--route", action="append", default=[], metavar="SIDE=TARGET",
+                   help="hybrid routing under the model name 'auto': local=MODEL and "
+                        "remote=URL[,model=NAME,key=ENV_VAR] (see below)")
+    p.add_argument("--policy", default="confidence", help="routing policy: confidence, length, keyword, "
+                   "always-local, always-remote")
+    p.add_argument("--threshold", type=float, default=-1.0,
+                   help="confidence policy: escalate when the draft's mean token log-prob is below this")
+    p.add_argument("--draft-tokens", type=int, default=32,
+                   help="confidence policy: decide after this many draft tokens (0: the whole answer)")
+    p.add_argument("--remote-timeout", type=float, default=60.0, help="seconds to wait for the remote model")
+    # Batched decoding reads each weight once per step for the whole batch; on CPUs without bf16 units
+    # the bf16 weights would be converted to fp32 at every multi-row step, which costs more than it saves.
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision in memory (float32: "
+                   "fastest batched decoding on CPUs without bf16 units; bfloat16: half the memory)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--context", type=int, default=None,
+                   help="maximum tokens per request, prompt included (default: the model's own limit)")
+
+    p = sub.add_parser("route-eval", help="quality vs share escalated of the confidence router on a labelled set",
+                       description="Score a local and a remote model on a multiple-choice task and report, for "
+                       "each confidence threshold, the accuracy and share escalated a confidence router gets "
+                       "(JSON and a PNG curve).")
+    p.add_argument("--local", required=True, help="the local model (anything slmkit loads)")
+    p.add_argument("--remote", required=True, help="the larger model: URL[,model=NAME,key=ENV_VAR] of an "
+                   "OpenAI-compatible server, or a model slmkit loads")
+    p.add_argument("--task", default="arc_easy", help="a multiple-choice task (slm eval's names)")
+    p.add_argument("--limit", type=int, default=200, help="documents scored")
+    p.add_argument("--thresholds", default="-4,-3,-2.5,-2,-1.5,-1,-0.5",
+                   help="comma-separated mean-token-log-prob thresholds")
+    p.add_argument("--data-dir", default=None, help="eval data folder (default: ../shared/data/eval)")
+    p.add_argument("-o", "--out", default="runs/route-eval", help="output folder")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("report", help="a markdown report and plots comparing variants from results JSON files")
     p.add_argument("results", nargs="+", help="JSON files or folders written by slm eval, slm bench or bench/quantize.py")
@@ -486,6 +542,58 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from slmkit.serve.run import serve
+
+    _setup_threads(args)
+    return serve(args)
+
+
+def cmd_route_eval(args) -> int:
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from slmkit.errors import SlmError
+    from slmkit.evals.api import default_data_dir
+    from slmkit.evals.lm import LocalLM
+    from slmkit.evals.tasks import make_task
+    from slmkit.load import load
+    from slmkit.serve.route_eval import route_eval, save
+
+    _setup_threads(args)
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise SlmError(f"--thresholds must be comma-separated numbers, got '{args.thresholds}'") from None
+    task = make_task(args.task, Path(args.data_dir) if args.data_dir else default_data_dir())
+
+    def lm_for(spec: str):
+        if spec.startswith(("http://", "https://")):
+            from slmkit.evals.endpoint import EndpointLM
+            from slmkit.serve.remote import RemoteBackend
+
+            remote = RemoteBackend.from_spec(spec)
+            return EndpointLM(remote.url, remote.model or "default", remote.key), remote.name
+        loaded = load(spec, dtype=getattr(torch, args.dtype))
+        return LocalLM(loaded.model, loaded.tokenizer), Path(spec.rstrip("/")).name
+
+    (local, local_name), (remote, remote_name) = lm_for(args.local), lm_for(args.remote)
+    result = route_eval(local, remote, task, args.limit, thresholds)
+    path, png = save(result, Path(args.out), local_name, remote_name)
+    table = Table(title=f"{task.name} {result['metric']} (n={result['n']}): local only {result['local_only']:.3f}, "
+                        f"remote only {result['remote_only']:.3f}")
+    for column in ("threshold", "escalated", "accuracy"):
+        table.add_column(column, justify="right")
+    for point in result["curve"]:
+        table.add_row(f"{point['threshold']:g}", f"{point['escalated']:.1%}", f"{point['accuracy']:.3f}")
+    Console().print(table)
+    print(f"wrote {path} and {png}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -599,7 +707,8 @@ def cmd_demo(args) -> int:
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
          "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "export": cmd_export,
-         "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report,
+         "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "serve": cmd_serve,
+         "route-eval": cmd_route_eval,
          "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
          "pretrain": cmd_pretrain, "distill": cmd_distill, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
 

@@ -33,7 +33,7 @@ def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = D
              progress: bool = True, on_docs: Callable[[int], None] | None = None) -> TaskResult:
     started = time.perf_counter()
     docs = task.eval_docs()
-    rows = _first(task, docs.rows, limit)
+    rows = first_docs(task, docs.rows, limit)
     pool = task.fewshot_docs().rows if shots else None
     contexts = [fewshot_context(task, doc, i, shots, seed, pool) for i, doc in enumerate(rows)]
     if isinstance(task, MultipleChoiceTask):
@@ -54,7 +54,7 @@ def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = D
     return result
 
 
-def _first(task: Task, rows: list[dict], limit: int | None) -> list[dict]:
+def first_docs(task: Task, rows: list[dict], limit: int | None) -> list[dict]:
     """The first `limit` documents; for a task of groups (MMLU's subjects) the first `limit` of each."""
     if not limit:
         return rows

@@ -21,6 +21,7 @@ from slmkit.errors import SlmError
 from slmkit.infer.sampling import SamplingParams, make_generator, sample
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.model import CausalLM, KVCache
+from slmkit.quant.fused import unfuse_shared_inputs
 
 # on_token(row, token_id) -> True to stop that row (e.g. a stop string appeared in its text).
 TokenCallback = Callable[[int, int], bool | None]
@@ -46,7 +47,10 @@ class Engine:
         """compile: run decode steps through `torch.compile` (fuses the many small per-layer ops that
         dominate batch-1 decoding on a CPU; costs about a minute of compilation on first use)."""
         self.model = prepare_for_cpu_inference(model.eval())
-        self.decode_step = torch.compile(self.model, dynamic=True) if compile else self.model
+        self.decode_step = self.model
+        if compile:
+            unfuse_shared_inputs(self.model)  # the compiler fuses; the eager identity cache would only cost guards
+            self.decode_step = torch.compile(self.model, dynamic=True)
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
         # On CPUs a bf16 model attends faster over an fp32 cache (no native bf16 attention kernels).

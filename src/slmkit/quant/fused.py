@@ -93,6 +93,16 @@ def _version(x: torch.Tensor) -> int:
     return -1 if x.is_inference() else x._version
 
 
+def unfuse_shared_inputs(model: nn.Module) -> int:
+    """Give every fused sibling its own kernel call again (for `torch.compile`, which fuses the
+    graph itself and would otherwise guard on the identity cache); returns how many groups."""
+    kernels = {id(m.shared_kernel): m.shared_kernel for m in model.modules()
+               if isinstance(m, Int4Linear) and m.shared_kernel is not None}
+    for kernel in kernels.values():
+        kernel.dissolve()
+    return len(kernels)
+
+
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Give every group of sibling int4 linears (same input, same group size) one kernel; returns
     how many groups were fused."""

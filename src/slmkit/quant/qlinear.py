@@ -163,7 +163,9 @@ class Int4Linear(QuantLinear):
     def _padded(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) cast into zero-padded (M, Kp) bf16, in one copy: a reused buffer for decode-sized M."""
         rows = x2.shape[0]
-        if rows > PAD_BUFFER_ROWS:
+        # under torch.compile a plain pad fuses into the cast, and filling the buffer cache would
+        # change the state the compiled graph was guarded on (forcing a second compilation)
+        if rows > PAD_BUFFER_ROWS or torch.compiler.is_compiling():
             return F.pad(x2.to(KERNEL_DTYPE), (0, self.padded_in - self.in_features)).contiguous()
         key = ("pad", rows)
         if key not in self._cast:

@@ -1,0 +1,222 @@
+"""Serving under load: 32 concurrent streaming chat requests against `slm serve` on loopback, the
+same requests one after another, and a sweep of bad requests.
+
+    python bench/serve.py [--requests 32] [--max-tokens 64] [--max-batch 16] [--dtype float32]
+
+The server runs in its own process (`slm serve`); the official `openai` client streams each
+request from a thread of this process and records its time to first token and total latency.
+Prompts are the shared Self-Instruct user-oriented instructions (greedy decoding, so both passes
+generate the same answers). Aggregate throughput = completion tokens / wall time, concurrent vs
+sequential in this run (target: at least 3x). Then every bad request of the sweep must get a 4xx
+JSON error and the server must still answer /health. Writes bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from slmkit.data.shared import shared_data_dir  # noqa: E402
+
+BAD_REQUESTS = {  # name -> (raw body, content type)
+    "malformed JSON": b'{"model": "M", "messages": [',
+    "wrong types": b'{"model": "M", "messages": "hello", "max_tokens": "many"}',
+    "negative temperature": b'{"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}',
+    "huge max_tokens": b'{"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000}',
+    "unknown model": b'{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}',
+    "non-UTF-8 bytes": b'{"model": "M", "messages": [{"role": "user", "content": "\xff\xfe\xfa"}]}',
+    "10 MB body": b'{"model": "M", "messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}',
+    "empty messages": b'{"model": "M", "messages": []}',
+    "not JSON at all": b"\x00\x01\x02 hello",
+}
+
+
+def prompts(count: int) -> list[str]:
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("the shared data directory (../shared/data) is needed for the prompts")
+    rows = [json.loads(line) for line in (data / "tasks" / "self_instruct_human" /
+                                          "user_oriented_instructions.jsonl").read_text().splitlines()]
+    out = []
+    for row in rows:
+        instance = (row.get("instances") or [{}])[0].get("input", "")
+        text = row["instruction"] + ("\n\n" + instance if instance else "")
+        if len(text) < 600:
+            out.append(text)
+        if len(out) == count:
+            return out
+    return out
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "slmkit.cli", "serve", f"{args.name}={args.model}", "--port", str(port),
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.requests * 2), "--dtype", args.dtype]
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.kill()
+    sys.exit("the server did not start within 180 s")
+
+
+def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first, pieces, tokens, error = None, [], 0, None
+    try:
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    first = first if first is not None else time.perf_counter() - started
+                    pieces.append(choice.delta.content)
+    except Exception as e:  # counted, reported; the bench goes on
+        error = f"{type(e).__name__}: {e}"
+    return {"ttft_s": first, "total_s": time.perf_counter() - started, "tokens": tokens, "text": "".join(pieces),
+            "error": error}
+
+
+def run_pass(url: str, model: str, texts: list[str], max_tokens: int, concurrent: bool) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    started = time.perf_counter()
+    if concurrent:
+        with concurrent_pool(len(texts)) as pool:
+            results = list(pool.map(lambda t: one_request(client, model, t, max_tokens), texts))
+    else:
+        results = [one_request(client, model, t, max_tokens) for t in texts]
+    wall = time.perf_counter() - started
+    ok = [r for r in results if not r["error"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"wall_s": wall, "requests": len(results), "errors": len(results) - len(ok),
+            "error_samples": [r["error"] for r in results if r["error"]][:3],
+            "completion_tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": pct([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 50),
+            "ttft_p99_s": pct([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 99),
+            "latency_p50_s": pct([r["total_s"] for r in ok], 50), "latency_p99_s": pct([r["total_s"] for r in ok], 99),
+            "texts": [r["text"] for r in results]}
+
+
+def concurrent_pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(n)
+
+
+def pct(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def bad_input_sweep(url: str, model: str) -> dict:
+    out = {}
+    for name, body in BAD_REQUESTS.items():
+        body = body.replace(b'"M"', json.dumps(model).encode())
+        r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=60)
+        try:
+            error = r.json().get("error", {})
+        except ValueError:
+            error = {}
+        out[name] = {"status": r.status_code, "json_error": bool(error.get("message")), "code": error.get("code")}
+    out["healthy_after"] = httpx.get(url + "/health", timeout=10).status_code == 200
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's decode batch")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--name", default="smollm2")
+    parser.add_argument("--dtype", default="float32", help="as slm serve's default (see its --help)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = parser.parse_args()
+    texts = prompts(args.requests)
+    server, url = start_server(args)
+    try:
+        run_pass(url, args.name, texts[:2], 8, concurrent=False)  # warm-up
+        together = run_pass(url, args.name, texts, args.max_tokens, concurrent=True)
+        alone = run_pass(url, args.name, texts, args.max_tokens, concurrent=False)
+        sweep = bad_input_sweep(url, args.name)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    same = sum(a == b for a, b in zip(together.pop("texts"), alone.pop("texts")))
+    speedup = together["tokens_per_s"] / alone["tokens_per_s"]
+    report = {"bench": "serve", "model": args.model, "dtype": args.dtype, "max_batch": args.max_batch,
+              "requests": args.requests, "max_tokens": args.max_tokens, "concurrent": together, "sequential": alone,
+              "throughput_x": speedup, "same_answers": same, "bad_input": sweep,
+              "max_batch_seen_metric": [line for line in metrics.splitlines() if line.startswith("slmkit_requests_total")][:4],
+              "targets": {"zero_errors": together["errors"] == 0 and alone["errors"] == 0,
+                          "throughput_3x": speedup >= 3.0,
+                          "bad_input_all_4xx_json": all(400 <= v["status"] < 500 and v["json_error"]
+                                                        for k, v in sweep.items() if k != "healthy_after"),
+                          "healthy_after_sweep": sweep["healthy_after"]},
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['requests']} streaming chat requests, {report['max_tokens']} tokens each "
+                        f"({report['model']}, {report['dtype']}, batch {report['max_batch']})")
+    for column in ("pass", "errors", "tokens", "wall s", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99"):
+        table.add_column(column, justify="left" if column == "pass" else "right")
+    for name in ("concurrent", "sequential"):
+        r = report[name]
+        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        table.add_row(name, str(r["errors"]), str(r["completion_tokens"]), f"{r['wall_s']:.1f}",
+                      f"{r['tokens_per_s']:.1f}", fmt(r["ttft_p50_s"]), fmt(r["ttft_p99_s"]),
+                      fmt(r["latency_p50_s"]), fmt(r["latency_p99_s"]))
+    Console().print(table)
+    print(f"aggregate throughput: {report['throughput_x']:.2f}x sequential; identical answers "
+          f"{report['same_answers']}/{report['requests']}")
+    sweep = Table(title="bad-input sweep")
+    for column in ("request", "status", "OpenAI error JSON", "code"):
+        sweep.add_column(column)
+    for name, v in report["bad_input"].items():
+        if name != "healthy_after":
+            sweep.add_row(name, str(v["status"]), "yes" if v["json_error"] else "NO", str(v["code"]))
+    Console().print(sweep)
+    print(f"healthy after the sweep: {report['bad_input']['healthy_after']}")
+    for check, ok in report["targets"].items():
+        print(f"{'PASS' if ok else 'MISS'}  {check}")
+
+
+if __name__ == "__main__":
+    main()

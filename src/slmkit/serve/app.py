@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat completions, models, health,
+Prometheus metrics and the chat page.
+
+Every request body is read here (size-capped), decoded as strict UTF-8, parsed as JSON and
+validated by the pydantic models in `protocol`, so every malformed request gets an OpenAI-style
+4xx and never reaches a model. Answers carry the name of the model that produced them in the
+`model` field and in the `x-slmkit-model` header.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from slmkit.serve.backend import Prompt, Settings
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, error_response
+from slmkit.serve.scheduler import Event
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's context
+
+
+def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.0,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    """backends: model name -> a backend (`LocalBackend`, or the router under the name "auto")."""
+    app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(backends)
+    app.state.metrics, app.state.backends = metrics, backends
+    for backend in backends.values():
+        if hasattr(backend, "metrics"):  # the router counts its decisions
+            backend.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _error):
+        return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _error):
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, error: Exception):
+        return error_response(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        started = time.perf_counter()
+        if api_key and request.url.path.startswith("/v1/"):
+            if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+                response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                          type="invalid_request_error", code="invalid_api_key")
+                metrics.request(request.url.path, 401, time.perf_counter() - started)
+                return response
+        response = await call_next(request)
+        metrics.request(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(backends)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (resources.files("slmkit.serve") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "slmkit"}
+                                           for name in backends]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read(request, CompletionRequest, max_body)
+        backend = _backend(backends, body.model)
+        if body.best_of not in (None, 1) or body.suffix:
+            raise ApiError(400, "best_of and suffix are not supported", param="best_of" if body.best_of else "suffix")
+        prompts = _prompts(body.prompt)
+        if len(prompts) * body.n > MAX_N:
+            raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n)", param="n")
+        settings = Settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stops, body.seed,
+                            body.logprobs, body.echo, timeout)
+        return await _answer(request, backend, body, prompts, settings, chat=False, metrics=metrics)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read(request, ChatRequest, max_body)
+        backend = _backend(backends, body.model)
+        if body.tools:
+            raise ApiError(400, "tools are not supported by this server", param="tools")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        settings = Settings(body.token_limit, body.temperature, body.top_p, body.n, body.stops, body.seed, top,
+                            False, timeout)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        return await _answer(request, backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
+
+    return app
+
+
+# -- reading requests -----------------------------------------------------------------------------
+
+
+async def _read(request: Request, model_cls, max_body: int):
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"the request body is {int(declared):,} bytes; the limit is {max_body:,}",
+                       code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_body:
+            raise ApiError(413, f"the request body exceeds the limit of {max_body:,} bytes", code="request_too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
+                       code="invalid_value") from None
+
+
+def _backend(backends: dict, name: str):
+    if name not in backends:
+        raise ApiError(400, f"the model '{name}' is not served here; choose one of: {', '.join(backends)}",
+                       param="model", code="model_not_found")
+    return backends[name]
+
+
+def _prompts(prompt) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [Prompt(text=prompt)]
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [Prompt(token_ids=list(prompt))]
+    return [Prompt(text=p) for p in prompt]
+
+
+# -- answering --------------------------------------------------------------------------------------
+
+
+class _Choice:
+    """What one choice has produced so far."""
+
+    def __init__(self):
+        self.text, self.tokens, self.finish_reason = "", [], None
+        self.prompt_tokens, self.completion_tokens = [], 0
+        self.answered_by: str | None = None
+
+
+async def _answer(request: Request, backend, body, prompts: list[Prompt], settings: Settings, chat: bool, metrics):
+    """Run every prompt's choices; one JSON answer, or a server-sent event stream."""
+    runs = [backend.start(p, settings) for p in prompts]  # validates every prompt before any work
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if body.stream:
+        include_usage = chat and bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
+        stream = _stream(request, runs, settings, rid, created, body.model, chat, include_usage, metrics)
+        # Wait for the first chunk before answering: a full queue (429) or a failure gets a proper status,
+        # and the headers can say which model answered.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = ""
+        except BaseException:
+            await stream.aclose()
+            raise
+        headers = {"cache-control": "no-cache", "x-slmkit-model": _answered_by(runs, body.model)}
+        if runs[0].route:
+            headers["x-slmkit-route"] = runs[0].route["decision"]
+        return StreamingResponse(_prepend(first, stream), media_type="text/event-stream", headers=headers)
+    started = time.perf_counter()
+    choices: dict[int, _Choice] = {}
+    base = 0
+    try:
+        for run in runs:
+            async for index, event in run.events():
+                _apply(choices.setdefault(base + index, _Choice()), event, run)
+            base += settings.n
+    finally:  # a failed choice frees the batch slots of the others at once
+        for run in runs:
+            await run.aclose()
+    metrics.tokens(body.model, sum(len(r.ids) for r in runs), sum(c.completion_tokens for c in choices.values()))
+    metrics.latency(body.model, time.perf_counter() - started)
+    answered = _answered_by(runs, body.model)
+    payload = _full_answer(rid, created, answered, choices, runs, settings, chat)
+    headers = {"x-slmkit-model": answered}
+    if any(r.route for r in runs):
+        payload["slmkit_route"] = runs[0].route
+        headers["x-slmkit-route"] = runs[0].route["decision"]
+    return JSONResponse(payload, headers=headers)
+
+
+def _apply(choice: _Choice, event: Event, run) -> None:
+    if event.kind == "error":
+        raise ApiError(500 if "timed out" not in event.message else 504, event.message, type="server_error")
+    if event.kind == "prompt":
+        choice.prompt_tokens = event.tokens
+    elif event.kind == "text":
+        choice.text += event.text
+        choice.tokens += event.tokens
+    elif event.kind == "done":
+        if event.finish_reason == "timeout":
+            raise ApiError(504, "the request timed out before the answer was complete", type="timeout",
+                           code="timeout")
+        choice.finish_reason = event.finish_reason
+        choice.completion_tokens = event.completion_tokens
+
+
+def _answered_by(runs, requested: str) -> str:
+    names = {r.answered_by for r in runs if r.answered_by}
+    return names.pop() if len(names) == 1 else requested
+
+
+def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, settings: Settings, chat: bool) -> dict:
+    prompt_tokens = sum(len(r.ids) for r in runs)
+    completion_tokens = sum(c.completion_tokens for c in choices.values())
+    out = []
+    for index in sorted(choices):
+        c = choices[index]
+        if chat:
+            item = {"index": index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": _chat_logprobs(c.tokens) if settings.top_logprobs is not None else None,
+                    "finish_reason": c.finish_reason}
+        else:
+            run = runs[index // settings.n]
+            text = run.prompt_text + c.text if settings.echo else c.text
+            item = {"index": index, "text": text, "finish_reason": c.finish_reason,
+                    "logprobs": _completion_logprobs(c.prompt_tokens + c.tokens) if settings.top_logprobs is not None
+                    else None}
+        out.append(item)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": out,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _completion_logprobs(tokens) -> dict:
+    """The legacy completions shape: parallel lists of tokens, log-probs, top alternatives, offsets."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in tokens],
+            "token_logprobs": [None if t.logprob != t.logprob else t.logprob for t in tokens],  # NaN: first token
+            "top_logprobs": [t.top for t in tokens], "text_offset": offsets}
+
+
+def _chat_logprobs(tokens) -> dict:
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.text, t.logprob),
+                         "top_logprobs": [entry(k, v) for k, v in (t.top or {}).items()]} for t in tokens]}
+
+
+async def _stream(request: Request, runs, settings: Settings, rid, created, model, chat, include_usage, metrics):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    started, first_token, completion_tokens = time.perf_counter(), None, 0
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], **extra) -> str:
+        answered = _answered_by(runs, model)
+        body = {"id": rid, "object": obj, "created": created, "model": answered, "choices": choices, **extra}
+        if runs[0].route:
+            body["slmkit_route"] = runs[0].route
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        base = 0
+        for run in runs:
+            greeted: set[int] = set()
+            async for index, event in run.events():
+                index += base
+                if event.kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+                    return
+                if chat and index not in greeted:
+                    greeted.add(index)
+                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                if event.kind == "text" and (event.text or event.tokens):
+                    if first_token is None:
+                        first_token = time.perf_counter() - started
+                        metrics.first_token(model, first_token)
+                    yield chunk([_delta(index, event, settings, chat)])
+                elif event.kind == "done":
+                    completion_tokens += event.completion_tokens
+                    reason = "length" if event.finish_reason == "timeout" else event.finish_reason
+                    if reason == "cancelled":
+                        return
+                    end = {"delta": {}} if chat else {"text": ""}
+                    yield chunk([{"index": index, **end, "logprobs": None, "finish_reason": reason}])
+            base += settings.n
+        prompt_tokens = sum(len(r.ids) for r in runs)
+        if include_usage:
+            yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                   "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"
+        metrics.tokens(model, prompt_tokens, completion_tokens)
+        metrics.latency(model, time.perf_counter() - started)
+    finally:
+        for run in runs:
+            await run.aclose()
+
+
+async def _prepend(first: str, rest):
+    if first:
+        yield first
+    async for item in rest:
+        yield item
+
+
+def _delta(index: int, event: Event, settings: Settings, chat: bool) -> dict:
+    wants = settings.top_logprobs is not None
+    if chat:
+        return {"index": index, "delta": {"content": event.text},
+                "logprobs": _chat_logprobs(event.tokens) if wants else None, "finish_reason": None}
+    return {"index": index, "text": event.text, "logprobs": _completion_logprobs(event.tokens) if wants else None,
+            "finish_reason": None}

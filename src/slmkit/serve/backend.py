@@ -1,0 +1,149 @@
+"""What the server asks of a model: generate choices for a prompt and stream back events.
+
+`LocalBackend` runs an slmkit model through the continuous-batching `Scheduler`; the router's
+remote side (`slmkit.serve.router.RemoteBackend`) speaks to another OpenAI-compatible server.
+Both yield `(choice index, Event)` pairs, so the HTTP layer formats answers the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from slmkit.errors import SlmError
+from slmkit.infer.sampling import SamplingParams
+from slmkit.serve.protocol import ApiError
+from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
+
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class Settings:
+    """One request's generation settings, in the server's own terms."""
+
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    top_logprobs: int | None = None  # None: no logprobs
+    echo: bool = False  # completions: the answer text starts with the prompt (and logprobs cover it)
+    timeout: float = 600.0
+
+
+@dataclass
+class Prompt:
+    """A prompt as text (a completion) or as chat messages, rendered by whoever runs it."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+
+
+class LocalBackend:
+    def __init__(self, name: str, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 context: int | None = None):
+        if tokenizer is None:
+            raise SlmError(f"model '{name}' has no tokenizer; serving needs one")
+        self.name, self.tokenizer = name, tokenizer
+        stop_ids = set(model.config.eos_ids())
+        if tokenizer.eos_token_id is not None:
+            stop_ids.add(tokenizer.eos_token_id)
+        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, sorted(stop_ids))
+        self.context = self.scheduler.context
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids is not None:
+            vocab = self.scheduler.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt.token_ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            if not self.tokenizer.chat_template:
+                raise ApiError(400, f"model '{self.name}' has no chat template; use /v1/completions", param="model")
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt.messages))  # as `slm chat` does
+        return self.tokenizer.encode(prompt.text or "")
+
+    def check(self, ids: list[int], settings: Settings) -> int:
+        """The max_tokens to use (default: what fits); a 400 when the request cannot fit."""
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        room = self.context - len(ids)
+        max_tokens = room if settings.max_tokens is None else settings.max_tokens
+        if max_tokens > room or room < 0:
+            raise ApiError(400, f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
+                                f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def start(self, prompt: Prompt, settings: Settings) -> LocalRun:
+        """Validate and encode now (so errors come before any streaming); generate when iterated."""
+        ids = self.encode(prompt)
+        return LocalRun(self, ids, self.check(ids, settings), settings, prompt.text or "")
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def _forward(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+    return emit
+
+
+def mean_logprob(logprobs: list[float]) -> float:
+    """The router's confidence signal: mean log-probability of the generated tokens (0 when none)."""
+    finite = [lp for lp in logprobs if math.isfinite(lp)]
+    return sum(finite) / len(finite) if finite else 0.0
+
+
+class LocalRun:
+    """One prompt's choices on a local model; iterate `events()` once."""
+
+    route: dict | None = None  # set by the router
+
+    def __init__(self, backend: LocalBackend, ids: list[int], max_tokens: int, settings: Settings, prompt_text: str):
+        self.backend, self.ids, self.max_tokens, self.settings = backend, ids, max_tokens, settings
+        self.prompt_text, self.answered_by = prompt_text, backend.name
+        self.jobs: list[Job] = []
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Events for every choice, as they come; ends when each choice is done (or failed)."""
+        settings, loop = self.settings, asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        deadline = time.monotonic() + settings.timeout
+        params = SamplingParams(max_new_tokens=max(1, self.max_tokens), temperature=settings.temperature,
+                                top_p=settings.top_p, seed=settings.seed)
+        for index in range(settings.n):  # choice i of a seeded request uses seed + i: different, reproducible
+            seeded = params if settings.seed is None else replace(params, seed=settings.seed + index)
+            self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), settings.stop,
+                                 settings.top_logprobs, settings.echo and settings.top_logprobs is not None,
+                                 deadline))
+        try:
+            self.backend.scheduler.submit(self.jobs)
+        except QueueFull as error:
+            raise ApiError(429, str(error), type="rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        open_choices = settings.n
+        try:
+            while open_choices:
+                left = deadline - time.monotonic() + 5  # the scheduler ends late jobs itself; this is a guard
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=max(left, 0.1))
+                except TimeoutError:
+                    raise ApiError(504, "the request timed out", type="timeout", code="timeout") from None
+                if event.kind in ("done", "error"):
+                    open_choices -= 1
+                yield index, event
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Free the scheduler slots of unfinished choices (a client went away, or an error)."""
+        for job in self.jobs:
+            job.cancel()

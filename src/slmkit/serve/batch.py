@@ -1,0 +1,85 @@
+"""The KV cache of a batch whose rows join and leave between decode steps (continuous batching).
+
+The model's `KVCache` gives every row the same slot numbers: a decode step writes slot `length`
+in every row at once. Rows that joined at different times are therefore right-aligned: a row with
+n tokens holds slots [length - n, length) and `key_valid` masks the slots before them, while its
+RoPE positions count its own tokens only (the scheduler passes them), so each row computes exactly
+what it would compute alone.
+
+Why our own and not a paged cache (vLLM): `model.py` attends over one dense tensor per layer, and at
+a few hundred slots and a batch of 8 a whole-cache copy when a row joins or leaves costs a few tens
+of milliseconds, less than one decode step of the batch; the simple layout keeps the model unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slmkit.model import CausalLM, KVCache
+
+HEADROOM = 64  # slots allocated beyond the current need, so most steps never reallocate
+
+
+class BatchCache:
+    """Rows of a decode batch, each a right-aligned run of filled slots ending at `cache.length`."""
+
+    def __init__(self, model: CausalLM, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.cache: KVCache | None = None  # None while the batch is empty
+        self.rows = 0
+
+    @property
+    def length(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+    def add(self, single: KVCache) -> int:
+        """Append a prefilled one-row cache as a new row; returns its row index."""
+        n = single.length
+        old, rows, length = self.cache, self.rows, max(self.length, n)
+        new = self._allocate(rows + 1, length + HEADROOM)
+        if old is not None:  # old rows move right so that they still end at `length`
+            shift = length - old.length
+            for dst, src in zip(new.keys + new.values, old.keys + old.values):
+                dst[:rows, :, shift:length] = src[:, :, : old.length]
+            new.key_valid[:rows, shift:length] = old.key_valid[:, : old.length]
+        for dst, src in zip(new.keys + new.values, single.keys + single.values):
+            dst[rows, :, length - n : length] = src[0, :, :n]
+        new.key_valid[rows, length - n : length] = True
+        new.length = length
+        self.cache, self.rows = new, rows + 1
+        return rows
+
+    def remove(self, keep: list[int]) -> None:
+        """Keep only the rows `keep` (in that order), dropping slots no remaining row uses."""
+        if not keep:
+            self.cache, self.rows = None, 0
+            return
+        old = self.cache
+        index = torch.tensor(keep)
+        valid = old.key_valid[index, : old.length]  # (R, L)
+        first = int(valid.any(0).int().argmax())  # the leading slots that every remaining row masks
+        length = old.length - first
+        new = self._allocate(len(keep), length + HEADROOM)
+        for dst, src in zip(new.keys + new.values, old.keys + old.values):
+            dst[:, :, :length] = src.index_select(0, index)[:, :, first : old.length]
+        new.key_valid[:, :length] = valid[:, first:]
+        new.length = length
+        self.cache, self.rows = new, len(keep)
+
+    def before_step(self) -> KVCache:
+        """Make room for one more slot and mark it valid in every row; returns the model's cache."""
+        cache = self.cache
+        if cache.length >= cache.max_len:
+            grown = self._allocate(self.rows, cache.length + HEADROOM)
+            for dst, src in zip(grown.keys + grown.values, cache.keys + cache.values):
+                dst[:, :, : cache.length] = src[:, :, : cache.length]
+            grown.key_valid[:, : cache.length] = cache.key_valid[:, : cache.length]
+            grown.length = cache.length
+            self.cache = cache = grown
+        cache.key_valid[:, cache.length] = True
+        return cache
+
+    def _allocate(self, rows: int, slots: int) -> KVCache:
+        cache = self.model.new_cache(rows, slots, self.dtype)
+        cache.key_valid = torch.zeros(rows, slots, dtype=torch.bool)
+        return cache
