@@ -119,6 +119,8 @@ BAD_REQUESTS = [
     ("unknown model", json.dumps({"model": "gpt-9", "messages": QUESTION}).encode(), 400),
     ("bad role", json.dumps({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
     ("invalid UTF-8", b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    ("deep nesting", b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+    ("endless number", b'{"model": "smollm2", "max_tokens": ' + b"9" * 10_000 + b"}", 400),
     ("10 MB body", b'{"model": "smollm2", "messages": [{"role": "user", "content": "' + b"a" * 10_000_000 + b'"}]}',
      413),
 ]

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision in memory")
     p.add_argument("--sweep", action="store_true",
-                   help=f"also measure the presets {', '.join(('tiny', 'smollm2-135m', 'openelm-270m', 'smollm2-360m', 'qwen2-0.5b'))} "
+                   help="also measure the presets smollm2-135m, openelm-270m, smollm2-360m, qwen2-0.5b, llama-3.2-1b "
                         "and plot decode speed against size")
     p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/bench/bench-<time>.json)")
 
@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "OpenAI-compatible server, or a model slmkit loads")
     p.add_argument("--task", default="arc_easy", help="a multiple-choice task (slm eval's names)")
     p.add_argument("--limit", type=int, default=200, help="documents scored")
-    p.add_argument("--thresholds", default="-4,-3,-2.5,-2,-1.5,-1,-0.5",
-                   help="comma-separated mean-token-log-prob thresholds")
+    p.add_argument("--thresholds", default="auto",
+                   help="comma-separated mean-token-log-prob thresholds, or 'auto': the deciles of the local "
+                        "model's confidences")
     p.add_argument("--data-dir", default=None, help="eval data folder (default: ../shared/data/eval)")
     p.add_argument("-o", "--out", default="runs/route-eval", help="output folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -565,7 +566,7 @@ def cmd_route_eval(args) -> int:
 
     _setup_threads(args)
     try:
-        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        thresholds = None if args.thresholds == "auto" else [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
         raise SlmError(f"--thresholds must be comma-separated numbers, got '{args.thresholds}'") from None
     task = make_task(args.task, Path(args.data_dir) if args.data_dir else default_data_dir())

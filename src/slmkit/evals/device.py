@@ -22,7 +22,9 @@ from pathlib import Path
 
 from slmkit.errors import SlmError
 
-SWEEP_PRESETS = ("tiny", "smollm2-135m", "openelm-270m", "smollm2-360m", "qwen2-0.5b")
+# Real shapes only (the tiny test configs would squash the plot): 30 thin layers (SmolLM2-135M) against
+# 16 wide ones (OpenELM-270M, Llama-3.2-1B), a 49k against a 152k and a 128k vocabulary.
+SWEEP_PRESETS = ("smollm2-135m", "openelm-270m", "smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
 
 
 @dataclass

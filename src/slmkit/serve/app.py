@@ -132,7 +132,7 @@ async def _read(request: Request, model_cls, max_body: int):
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_encoding") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:  # also numbers too long to parse and absurd nesting
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -171,7 +171,6 @@ class _Choice:
     def __init__(self):
         self.text, self.tokens, self.finish_reason = "", [], None
         self.prompt_tokens, self.completion_tokens = [], 0
-        self.answered_by: str | None = None
 
 
 async def _answer(request: Request, backend, body, prompts: list[Prompt], settings: Settings, chat: bool, metrics):
@@ -201,7 +200,7 @@ async def _answer(request: Request, backend, body, prompts: list[Prompt], settin
     try:
         for run in runs:
             async for index, event in run.events():
-                _apply(choices.setdefault(base + index, _Choice()), event, run)
+                _apply(choices.setdefault(base + index, _Choice()), event)
             base += settings.n
     finally:  # a failed choice frees the batch slots of the others at once
         for run in runs:
@@ -217,7 +216,7 @@ async def _answer(request: Request, backend, body, prompts: list[Prompt], settin
     return JSONResponse(payload, headers=headers)
 
 
-def _apply(choice: _Choice, event: Event, run) -> None:
+def _apply(choice: _Choice, event: Event) -> None:
     if event.kind == "error":
         raise ApiError(500 if "timed out" not in event.message else 504, event.message, type="server_error")
     if event.kind == "prompt":

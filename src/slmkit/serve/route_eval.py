@@ -18,8 +18,10 @@ from slmkit.evals.runner import DEFAULT_SEED, fewshot_context, first_docs
 from slmkit.evals.tasks.base import MultipleChoiceTask
 
 
-def route_eval(local_lm, remote_lm, task, limit: int | None, thresholds: list[float],
+def route_eval(local_lm, remote_lm, task, limit: int | None, thresholds: list[float] | None,
                seed: int = DEFAULT_SEED, progress: bool = True) -> dict:
+    """thresholds None: the deciles of the local confidences (every point of the curve is then
+    informative, whatever the local model's scale of log-probabilities)."""
     if not isinstance(task, MultipleChoiceTask):
         raise SlmError(f"route-eval scores multiple-choice tasks; '{task.name}' is not one")
     rows = first_docs(task, task.eval_docs().rows, limit)
@@ -39,9 +41,18 @@ def route_eval(local_lm, remote_lm, task, limit: int | None, thresholds: list[fl
                      "local": task.score(doc, [s.logprob for s in mine_local], [s.greedy for s in mine_local])[metric],
                      "remote": task.score(doc, [s.logprob for s in mine_remote],
                                           [s.greedy for s in mine_remote])[metric]})
+    if thresholds is None:
+        thresholds = deciles([d["confidence"] for d in docs])
     return {"task": task.name, "metric": metric, "n": len(docs), "curve": curve(docs, thresholds),
             "local_only": _mean([d["local"] for d in docs]), "remote_only": _mean([d["remote"] for d in docs]),
-            "oracle": _mean([max(d["local"], d["remote"]) for d in docs])}
+            "oracle": _mean([max(d["local"], d["remote"]) for d in docs]), "docs": docs}
+
+
+def deciles(values: list[float]) -> list[float]:
+    """Thresholds that escalate 0%, 10%, ..., 100% of these confidences (ties aside)."""
+    ordered = sorted(values)
+    cuts = [ordered[min(len(ordered) - 1, round(q / 10 * len(ordered)))] for q in range(1, 10)]
+    return sorted({round(c, 4) for c in [ordered[0] - 1e-3, *cuts, ordered[-1] + 1e-3]})
 
 
 def curve(docs: list[dict], thresholds: list[float]) -> list[dict]:
@@ -81,13 +92,13 @@ def save(result: dict, out: Path, local_name: str, remote_name: str) -> tuple[Pa
     ys = [p["accuracy"] for p in result["curve"]]
     ax.plot(xs, ys, marker="o", label="confidence router")
     for p in result["curve"]:
-        ax.annotate(f"{p['threshold']:g}", (p["escalated"], p["accuracy"]), textcoords="offset points",
+        ax.annotate(f"{p['threshold']:.2f}", (p["escalated"], p["accuracy"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=8)
     ax.axhline(result["local_only"], linestyle="--", color="gray", label=f"local only ({local_name})")
     ax.axhline(result["remote_only"], linestyle=":", color="black", label=f"remote only ({remote_name})")
     ax.set_xlabel("share of requests escalated")
     ax.set_ylabel(f"{result['task']} {result['metric']}")
-    ax.set_title(f"Routing: quality vs escalation (n={result['n']}; labels: threshold)")
+    ax.set_title(f"Routing: quality vs escalation (n={result['n']}; labels: threshold)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out / f"route-eval-{result['task']}.png"
