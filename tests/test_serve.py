@@ -206,11 +206,21 @@ def test_api_key_queue_bound_and_retry_after(tiny_model, tiny_tokenizer):
         assert any(status == 429 and retry for status, retry in answers)
 
 
-def test_scheduler_rows_joining_midway_match_the_engine(tiny_model):
-    """Rows of different lengths join a running batch and leave it; each gets the engine's tokens."""
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_scheduler_rows_joining_midway_match_the_engine(tiny_model, weights):
+    """Rows of different lengths join a running batch and leave it; each gets the engine's tokens
+    (quantized models too: their fused sibling kernels see batches of changing size)."""
+    import copy
+
     from slmkit.infer.engine import Engine
     from slmkit.infer.sampling import SamplingParams
     from slmkit.serve.scheduler import Job, Scheduler
+
+    if weights == "int4":
+        from slmkit.quant.api import QuantConfig, quantize_model
+
+        tiny_model = copy.deepcopy(tiny_model)
+        quantize_model(tiny_model, QuantConfig(method="int4", group_size=32), progress=False)
 
     prompts = [[5, 9, 13], list(range(20, 60)), [7] * 11, list(range(100, 103))]
     lengths = [30, 8, 20, 12]
