@@ -152,3 +152,18 @@ def test_route_eval_curve_runs_from_all_local_to_all_remote(local_backend, remot
     assert result["n"] == 12 and result["oracle"] >= max(result["local_only"], result["remote_only"])
     path, png = save(result, tmp_path, "tiny", "smollm2")
     assert png.stat().st_size > 5000 and path.is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--route", "local=tiny"], "needs both"),
+    (["serve", "--route", "local=tiny", "--route", "remote=ftp://x"], "http(s) URL"),
+    (["serve", "--route", "middle=tiny"], "expected local=MODEL"),
+    (["serve", "a=tiny", "a=tiny-moe"], "would be called 'a'"),
+    (["serve", "--route", "local=tiny", "--route", "remote=http://127.0.0.1:9/v1", "--policy", "coin"],
+     "routing policy 'coin' is unknown"),
+])
+def test_bad_serve_arguments_fail_before_serving(argv, message, capsys):
+    from slmkit.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -256,3 +256,15 @@ def test_scheduler_rows_joining_midway_match_the_engine(tiny_model, weights):
         scheduler.close()
     assert [got[i] for i in range(len(prompts))] == expected
     assert scheduler.max_rows_seen >= 2
+
+
+def test_a_request_past_its_timeout_gets_504_and_frees_its_slot(tiny_model, tiny_tokenizer):
+    backend = LocalBackend("tiny", tiny_model, tiny_tokenizer)
+    with served({"tiny": backend}, timeout=0.05) as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "Once upon", "max_tokens": 250, "temperature": 0})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        deadline = time.time() + 5
+        while backend.scheduler.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert backend.scheduler.active == 0

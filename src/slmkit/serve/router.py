@@ -38,10 +38,7 @@ HARD_PATTERNS = {
 class Router:
     def __init__(self, local: LocalBackend, remote: RemoteBackend, policy: str = "confidence",
                  threshold: float = -1.0, draft_tokens: int = 32, metrics=None):
-        if policy not in POLICIES:
-            raise SlmError(f"routing policy '{policy}' is unknown (choose from {', '.join(POLICIES)})")
-        if draft_tokens < 0:
-            raise SlmError("--draft-tokens must be >= 0 (0: judge the whole answer)")
+        check_policy(policy, draft_tokens)
         self.local, self.remote, self.policy = local, remote, policy
         self.threshold, self.draft_tokens = threshold, draft_tokens
         self.metrics = metrics  # set by the app: counts decisions
@@ -74,6 +71,13 @@ class Router:
 
     def close(self) -> None:
         pass  # the local backend is closed as a served model of its own
+
+
+def check_policy(policy: str, draft_tokens: int) -> None:
+    if policy not in POLICIES:
+        raise SlmError(f"routing policy '{policy}' is unknown (choose from {', '.join(POLICIES)})")
+    if draft_tokens < 0:
+        raise SlmError("--draft-tokens must be >= 0 (0: judge the whole answer)")
 
 
 def hard_category(prompt: Prompt) -> str | None:
@@ -187,4 +191,5 @@ def build_router(args, load_local) -> Router:
 
     [(name, model)] = parse_model_specs([sides["local"]]).items()
     remote = RemoteBackend.from_spec(sides["remote"], args.remote_timeout)
+    check_policy(args.policy, args.draft_tokens)  # before the (slow) load of the local model
     return Router(load_local(name, model), remote, args.policy, args.threshold, args.draft_tokens)
