@@ -21,6 +21,14 @@ from slmkit.tokenizer import Tokenizer
 TextCallback = Callable[[int, str], None]
 
 
+def stop_token_ids(model: CausalLM, tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end a generation: the model's end-of-sequence ids and the tokenizer's."""
+    ids = set(model.config.eos_ids())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 class TextStream:
     """Incremental detokenizer with stop strings for one sequence."""
 
@@ -92,10 +100,7 @@ class TextGenerator:
         return self.engine.max_seq_len
 
     def stop_ids(self) -> list[int]:
-        ids = set(self.model.config.eos_ids())
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+        return stop_token_ids(self.model, self.tokenizer)
 
     def encode_prompt(self, text: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text)

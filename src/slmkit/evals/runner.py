@@ -71,12 +71,18 @@ def first_docs(task: Task, rows: list[dict], limit: int | None) -> list[dict]:
     return kept
 
 
-def _multiple_choice(lm, task: MultipleChoiceTask, rows, contexts, progress) -> tuple[list[dict], int]:
+def choice_requests(task: MultipleChoiceTask, rows, contexts) -> tuple[list, list[tuple[int, int]]]:
+    """Every document's requests in one list, and each document's (start, count) in it."""
     spans, flat = [], []
     for doc, context in zip(rows, contexts):
         requests = task.requests(doc, context)
         spans.append((len(flat), len(requests)))
         flat.extend(requests)
+    return flat, spans
+
+
+def _multiple_choice(lm, task: MultipleChoiceTask, rows, contexts, progress) -> tuple[list[dict], int]:
+    flat, spans = choice_requests(task, rows, contexts)
     scores = lm.loglikelihood(flat, progress=progress)
     per_doc = []
     for doc, (start, count) in zip(rows, spans):

@@ -41,6 +41,13 @@ class Generation:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
 
+def default_cache_dtype(model: CausalLM) -> torch.dtype:
+    """The weights' dtype, except fp32 for bf16 weights: on CPUs a bf16 model attends faster over an
+    fp32 cache (there are no native bf16 attention kernels)."""
+    weight_dtype = model.model.embed_tokens.weight.dtype
+    return torch.float32 if weight_dtype == torch.bfloat16 else weight_dtype
+
+
 class Engine:
     def __init__(self, model: CausalLM, max_seq_len: int | None = None, cache_dtype: torch.dtype | None = None,
                  compile: bool = False):
@@ -53,9 +60,7 @@ class Engine:
             self.decode_step = torch.compile(self.model, dynamic=True)
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
-        # On CPUs a bf16 model attends faster over an fp32 cache (no native bf16 attention kernels).
-        weight_dtype = model.model.embed_tokens.weight.dtype
-        self.cache_dtype = cache_dtype or (torch.float32 if weight_dtype == torch.bfloat16 else weight_dtype)
+        self.cache_dtype = cache_dtype or default_cache_dtype(model)
         self.cache: KVCache | None = None
         self.cached_tokens: list[int] = []  # what the cache holds, for batch-1 prefix reuse
 

@@ -13,6 +13,7 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import aclosing
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -95,7 +96,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
             raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n)", param="n")
         settings = Settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stops, body.seed,
                             body.logprobs, body.echo, timeout)
-        return await _answer(request, backend, body, prompts, settings, chat=False, metrics=metrics)
+        return await _answer(backend, body, prompts, settings, chat=False, metrics=metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -108,7 +109,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
                             False, timeout)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        return await _answer(request, backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
+        return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
 
     return app
 
@@ -173,14 +174,14 @@ class _Choice:
         self.prompt_tokens, self.completion_tokens = [], 0
 
 
-async def _answer(request: Request, backend, body, prompts: list[Prompt], settings: Settings, chat: bool, metrics):
+async def _answer(backend, body, prompts: list[Prompt], settings: Settings, chat: bool, metrics):
     """Run every prompt's choices; one JSON answer, or a server-sent event stream."""
     runs = [backend.start(p, settings) for p in prompts]  # validates every prompt before any work
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
         include_usage = chat and bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
-        stream = _stream(request, runs, settings, rid, created, body.model, chat, include_usage, metrics)
+        stream = _stream(runs, settings, rid, created, body.model, chat, include_usage, metrics)
         # Wait for the first chunk before answering: a full queue (429) or a failure gets a proper status,
         # and the headers can say which model answered.
         try:
@@ -190,35 +191,51 @@ async def _answer(request: Request, backend, body, prompts: list[Prompt], settin
         except BaseException:
             await stream.aclose()
             raise
-        headers = {"cache-control": "no-cache", "x-slmkit-model": _answered_by(runs, body.model)}
-        if runs[0].route:
-            headers["x-slmkit-route"] = runs[0].route["decision"]
-        return StreamingResponse(_prepend(first, stream), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", **_headers(runs, body.model)})
     started = time.perf_counter()
     choices: dict[int, _Choice] = {}
-    base = 0
+    async with aclosing(_events(runs, settings.n)) as events:  # closed at once if a choice fails
+        async for index, event in events:
+            _apply(choices.setdefault(index, _Choice()), event)
+    usage = _usage(runs, sum(c.completion_tokens for c in choices.values()))
+    metrics.tokens(body.model, usage["prompt_tokens"], usage["completion_tokens"])
+    metrics.latency(body.model, time.perf_counter() - started)
+    payload = _full_answer(rid, created, _answered_by(runs, body.model), choices, runs, settings, chat, usage)
+    if runs[0].route:
+        payload["slmkit_route"] = runs[0].route
+    return JSONResponse(payload, headers=_headers(runs, body.model))
+
+
+async def _events(runs, n: int):
+    """(choice index over all prompts, event) from every run in turn; the runs' unfinished jobs are
+    cancelled however this ends (a failed choice, or a client that went away, frees their slots)."""
     try:
-        for run in runs:
+        for number, run in enumerate(runs):
             async for index, event in run.events():
-                _apply(choices.setdefault(base + index, _Choice()), event)
-            base += settings.n
-    finally:  # a failed choice frees the batch slots of the others at once
+                yield number * n + index, event
+    finally:
         for run in runs:
             await run.aclose()
-    metrics.tokens(body.model, sum(len(r.ids) for r in runs), sum(c.completion_tokens for c in choices.values()))
-    metrics.latency(body.model, time.perf_counter() - started)
-    answered = _answered_by(runs, body.model)
-    payload = _full_answer(rid, created, answered, choices, runs, settings, chat)
-    headers = {"x-slmkit-model": answered}
-    if any(r.route for r in runs):
-        payload["slmkit_route"] = runs[0].route
+
+
+def _usage(runs, completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(r.ids) for r in runs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _headers(runs, requested: str) -> dict:
+    """Which model answered, and the router's decision when it made one."""
+    headers = {"x-slmkit-model": _answered_by(runs, requested)}
+    if runs[0].route:
         headers["x-slmkit-route"] = runs[0].route["decision"]
-    return JSONResponse(payload, headers=headers)
+    return headers
 
 
 def _apply(choice: _Choice, event: Event) -> None:
     if event.kind == "error":
-        raise ApiError(500 if "timed out" not in event.message else 504, event.message, type="server_error")
+        raise ApiError(500, event.message, type="server_error")
     if event.kind == "prompt":
         choice.prompt_tokens = event.tokens
     elif event.kind == "text":
@@ -237,9 +254,8 @@ def _answered_by(runs, requested: str) -> str:
     return names.pop() if len(names) == 1 else requested
 
 
-def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, settings: Settings, chat: bool) -> dict:
-    prompt_tokens = sum(len(r.ids) for r in runs)
-    completion_tokens = sum(c.completion_tokens for c in choices.values())
+def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, settings: Settings, chat: bool,
+                 usage: dict) -> dict:
     out = []
     for index in sorted(choices):
         c = choices[index]
@@ -255,9 +271,7 @@ def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, setting
                     else None}
         out.append(item)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": out,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "model": model, "choices": out, "usage": usage}
 
 
 def _completion_logprobs(tokens) -> dict:
@@ -279,7 +293,7 @@ def _chat_logprobs(tokens) -> dict:
                          "top_logprobs": [entry(k, v) for k, v in (t.top or {}).items()]} for t in tokens]}
 
 
-async def _stream(request: Request, runs, settings: Settings, rid, created, model, chat, include_usage, metrics):
+async def _stream(runs, settings: Settings, rid, created, model, chat, include_usage, metrics):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     started, first_token, completion_tokens = time.perf_counter(), None, 0
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -291,42 +305,34 @@ async def _stream(request: Request, runs, settings: Settings, rid, created, mode
             body["slmkit_route"] = runs[0].route
         return f"data: {json.dumps(body)}\n\n"
 
-    try:
-        base = 0
-        for run in runs:
-            greeted: set[int] = set()
-            async for index, event in run.events():
-                index += base
-                if event.kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+    greeted: set[int] = set()
+    async with aclosing(_events(runs, settings.n)) as events:  # an early return frees the slots too
+        async for index, event in events:
+            if event.kind == "error":
+                yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+                return
+            if chat and index not in greeted:
+                greeted.add(index)
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            if event.kind == "text" and (event.text or event.tokens):
+                if first_token is None:
+                    first_token = time.perf_counter() - started
+                    metrics.first_token(model, first_token)
+                yield chunk([_delta(index, event, settings, chat)])
+            elif event.kind == "done":
+                completion_tokens += event.completion_tokens
+                reason = "length" if event.finish_reason == "timeout" else event.finish_reason
+                if reason == "cancelled":
                     return
-                if chat and index not in greeted:
-                    greeted.add(index)
-                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                if event.kind == "text" and (event.text or event.tokens):
-                    if first_token is None:
-                        first_token = time.perf_counter() - started
-                        metrics.first_token(model, first_token)
-                    yield chunk([_delta(index, event, settings, chat)])
-                elif event.kind == "done":
-                    completion_tokens += event.completion_tokens
-                    reason = "length" if event.finish_reason == "timeout" else event.finish_reason
-                    if reason == "cancelled":
-                        return
-                    end = {"delta": {}} if chat else {"text": ""}
-                    yield chunk([{"index": index, **end, "logprobs": None, "finish_reason": reason}])
-            base += settings.n
-        prompt_tokens = sum(len(r.ids) for r in runs)
-        if include_usage:
-            yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                   "total_tokens": prompt_tokens + completion_tokens})
-        yield "data: [DONE]\n\n"
-        metrics.tokens(model, prompt_tokens, completion_tokens)
-        metrics.latency(model, time.perf_counter() - started)
-    finally:
-        for run in runs:
-            await run.aclose()
+                end = {"delta": {}} if chat else {"text": ""}
+                yield chunk([{"index": index, **end, "logprobs": None, "finish_reason": reason}])
+    usage = _usage(runs, completion_tokens)
+    if include_usage:
+        yield chunk([], usage=usage)
+    yield "data: [DONE]\n\n"
+    metrics.tokens(model, usage["prompt_tokens"], completion_tokens)
+    metrics.latency(model, time.perf_counter() - started)
 
 
 async def _prepend(first: str, rest):

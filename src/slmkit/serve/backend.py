@@ -8,12 +8,12 @@ Both yield `(choice index, Event)` pairs, so the HTTP layer formats answers the 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from slmkit.errors import SlmError
+from slmkit.generate import stop_token_ids
 from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
@@ -51,10 +51,7 @@ class LocalBackend:
         if tokenizer is None:
             raise SlmError(f"model '{name}' has no tokenizer; serving needs one")
         self.name, self.tokenizer = name, tokenizer
-        stop_ids = set(model.config.eos_ids())
-        if tokenizer.eos_token_id is not None:
-            stop_ids.add(tokenizer.eos_token_id)
-        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, sorted(stop_ids))
+        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, stop_token_ids(model, tokenizer))
         self.context = self.scheduler.context
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -73,12 +70,11 @@ class LocalBackend:
         """The max_tokens to use (default: what fits); a 400 when the request cannot fit."""
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        room = self.context - len(ids)
-        max_tokens = room if settings.max_tokens is None else settings.max_tokens
-        if max_tokens > room or room < 0:
-            raise ApiError(400, f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
-                                f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+        max_tokens = self.context - len(ids) if settings.max_tokens is None else settings.max_tokens
+        try:
+            self.scheduler.check(len(ids), max_tokens)
+        except SlmError as error:
+            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
         return max_tokens
 
     def start(self, prompt: Prompt, settings: Settings) -> LocalRun:
@@ -94,12 +90,6 @@ def _forward(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
     def emit(event: Event) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (index, event))
     return emit
-
-
-def mean_logprob(logprobs: list[float]) -> float:
-    """The router's confidence signal: mean log-probability of the generated tokens (0 when none)."""
-    finite = [lp for lp in logprobs if math.isfinite(lp)]
-    return sum(finite) / len(finite) if finite else 0.0
 
 
 class LocalRun:

@@ -36,16 +36,10 @@ class BatchCache:
         """Append a prefilled one-row cache as a new row; returns its row index."""
         n = single.length
         old, rows, length = self.cache, self.rows, max(self.length, n)
-        new = self._allocate(rows + 1, length + HEADROOM)
+        new = self._allocate(rows + 1, length + HEADROOM, length)
         if old is not None:  # old rows move right so that they still end at `length`
-            shift = length - old.length
-            for dst, src in zip(new.keys + new.values, old.keys + old.values):
-                dst[:rows, :, shift:length] = src[:, :, : old.length]
-            new.key_valid[:rows, shift:length] = old.key_valid[:, : old.length]
-        for dst, src in zip(new.keys + new.values, single.keys + single.values):
-            dst[rows, :, length - n : length] = src[0, :, :n]
-        new.key_valid[rows, length - n : length] = True
-        new.length = length
+            _copy_slots(new, slice(0, rows), length - old.length, old, slice(None), slice(0, old.length))
+        _copy_slots(new, rows, length - n, single, 0, slice(0, n))
         self.cache, self.rows = new, rows + 1
         return rows
 
@@ -54,32 +48,33 @@ class BatchCache:
         if not keep:
             self.cache, self.rows = None, 0
             return
-        old = self.cache
-        index = torch.tensor(keep)
-        valid = old.key_valid[index, : old.length]  # (R, L)
-        first = int(valid.any(0).int().argmax())  # the leading slots that every remaining row masks
-        length = old.length - first
-        new = self._allocate(len(keep), length + HEADROOM)
-        for dst, src in zip(new.keys + new.values, old.keys + old.values):
-            dst[:, :, :length] = src.index_select(0, index)[:, :, first : old.length]
-        new.key_valid[:, :length] = valid[:, first:]
-        new.length = length
+        old, index = self.cache, torch.tensor(keep)
+        first = int(old.key_valid[index, : old.length].any(0).int().argmax())  # slots every kept row masks
+        new = self._allocate(len(keep), old.length - first + HEADROOM, old.length - first)
+        _copy_slots(new, slice(None), 0, old, index, slice(first, old.length))
         self.cache, self.rows = new, len(keep)
 
     def before_step(self) -> KVCache:
         """Make room for one more slot and mark it valid in every row; returns the model's cache."""
         cache = self.cache
         if cache.length >= cache.max_len:
-            grown = self._allocate(self.rows, cache.length + HEADROOM)
-            for dst, src in zip(grown.keys + grown.values, cache.keys + cache.values):
-                dst[:, :, : cache.length] = src[:, :, : cache.length]
-            grown.key_valid[:, : cache.length] = cache.key_valid[:, : cache.length]
-            grown.length = cache.length
+            grown = self._allocate(self.rows, cache.length + HEADROOM, cache.length)
+            _copy_slots(grown, slice(None), 0, cache, slice(None), slice(0, cache.length))
             self.cache = cache = grown
         cache.key_valid[:, cache.length] = True
         return cache
 
-    def _allocate(self, rows: int, slots: int) -> KVCache:
+    def _allocate(self, rows: int, slots: int, length: int) -> KVCache:
         cache = self.model.new_cache(rows, slots, self.dtype)
         cache.key_valid = torch.zeros(rows, slots, dtype=torch.bool)
+        cache.length = length
         return cache
+
+
+def _copy_slots(dst: KVCache, dst_rows, dst_start: int, src: KVCache, src_rows, src_slots: slice) -> None:
+    """Copy keys, values and validity of `src`'s rows and slots into `dst`, from slot `dst_start`
+    (a cache without a validity mask is valid throughout)."""
+    into = slice(dst_start, dst_start + src_slots.stop - (src_slots.start or 0))
+    for d, s in zip(dst.keys + dst.values, src.keys + src.values):
+        d[dst_rows, :, into] = s[src_rows, :, src_slots]
+    dst.key_valid[dst_rows, into] = True if src.key_valid is None else src.key_valid[src_rows, src_slots]

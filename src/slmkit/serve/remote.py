@@ -51,13 +51,11 @@ class RemoteBackend:
 
 
 class RemoteRun:
-    route: dict | None = None
+    """One prompt's choices on the remote model (run by the router, which reports usage and route)."""
 
     def __init__(self, backend: RemoteBackend, prompt: Prompt, settings: Settings):
         self.backend, self.prompt, self.settings = backend, prompt, settings
-        self.ids: list[int] = []  # the remote's token count arrives in its usage, if at all
-        self.prompt_text, self.answered_by = prompt.text or "", backend.name
-        self.prompt_tokens = 0
+        self.answered_by = backend.name  # the remote's own name for its model, once its first chunk says
 
     def _request(self) -> tuple[str, dict]:
         s, chat = self.settings, self.prompt.messages is not None
@@ -112,8 +110,6 @@ class RemoteRun:
                 raise RemoteFailed(f"the remote failed: {chunk['error'].get('message')}")
             if chunk.get("model"):
                 self.answered_by = chunk["model"]
-            if chunk.get("usage"):
-                self.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
             for choice in chunk.get("choices", []):
                 index = choice.get("index", 0)
                 text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")

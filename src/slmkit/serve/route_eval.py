@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.evals.runner import DEFAULT_SEED, fewshot_context, first_docs
+from slmkit.evals.runner import DEFAULT_SEED, choice_requests, fewshot_context, first_docs
 from slmkit.evals.tasks.base import MultipleChoiceTask
 
 
@@ -25,18 +25,15 @@ def route_eval(local_lm, remote_lm, task, limit: int | None, thresholds: list[fl
     if not isinstance(task, MultipleChoiceTask):
         raise SlmError(f"route-eval scores multiple-choice tasks; '{task.name}' is not one")
     rows = first_docs(task, task.eval_docs().rows, limit)
-    requests, spans = [], []
-    for i, doc in enumerate(rows):
-        mine = task.requests(doc, fewshot_context(task, doc, i, 0, seed, None))
-        spans.append((len(requests), len(mine)))
-        requests.extend(mine)
+    contexts = [fewshot_context(task, doc, i, 0, seed, None) for i, doc in enumerate(rows)]
+    requests, spans = choice_requests(task, rows, contexts)
     local = local_lm.loglikelihood(requests, progress=progress)
     remote = remote_lm.loglikelihood(requests, progress=progress)
     metric = "acc_norm" if "acc_norm" in task.metrics else "acc"
     docs = []
     for doc, (start, count) in zip(rows, spans):
         mine_local, mine_remote = local[start:start + count], remote[start:start + count]
-        pick = _pick(task, doc, [s.logprob for s in mine_local], metric)
+        pick = task.chosen(doc, [s.logprob for s in mine_local], per_byte=metric == "acc_norm")
         docs.append({"confidence": mine_local[pick].logprob / max(mine_local[pick].tokens, 1),
                      "local": task.score(doc, [s.logprob for s in mine_local], [s.greedy for s in mine_local])[metric],
                      "remote": task.score(doc, [s.logprob for s in mine_remote],
@@ -63,13 +60,6 @@ def curve(docs: list[dict], thresholds: list[float]) -> list[dict]:
         points.append({"threshold": t, "escalated": _mean(escalated),
                        "accuracy": _mean([d["remote"] if e else d["local"] for d, e in zip(docs, escalated)])})
     return points
-
-
-def _pick(task: MultipleChoiceTask, doc: dict, logprobs: list[float], metric: str) -> int:
-    if metric == "acc_norm":
-        lengths = [max(len(c.encode()), 1) for c in task.choices(doc)]
-        logprobs = [lp / n for lp, n in zip(logprobs, lengths)]
-    return max(range(len(logprobs)), key=logprobs.__getitem__)
 
 
 def _mean(values) -> float:

@@ -16,11 +16,12 @@ Each answer carries `slmkit_route = {"decision", "reason", "confidence", "fallba
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
 from slmkit.errors import SlmError
-from slmkit.serve.backend import LocalBackend, Prompt, Settings, mean_logprob
+from slmkit.serve.backend import LocalBackend, Prompt, Settings
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.remote import RemoteBackend, RemoteFailed
 
@@ -87,6 +88,12 @@ def hard_category(prompt: Prompt) -> str | None:
     else:
         text = prompt.text or ""
     return next((name for name, pattern in HARD_PATTERNS.items() if pattern.search(text)), None)
+
+
+def mean_logprob(logprobs: list[float]) -> float:
+    """The confidence signal: mean log-probability of the generated tokens (0 when none)."""
+    finite = [lp for lp in logprobs if math.isfinite(lp)]
+    return sum(finite) / len(finite) if finite else 0.0
 
 
 class RouterRun:

@@ -22,6 +22,7 @@ import torch
 
 from slmkit.errors import SlmError
 from slmkit.generate import TextStream
+from slmkit.infer.engine import default_cache_dtype
 from slmkit.infer.sampling import SamplingParams, make_generator, sample
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.serve.batch import BatchCache
@@ -91,8 +92,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids)
-        weight_dtype = model.model.embed_tokens.weight.dtype
-        self.cache_dtype = torch.float32 if weight_dtype == torch.bfloat16 else weight_dtype
+        self.cache_dtype = default_cache_dtype(model)
         self.batch = BatchCache(self.model, self.cache_dtype)
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Job] = collections.deque()
@@ -108,7 +108,7 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (all or none); raises QueueFull when they do not fit in the queue."""
         for job in jobs:
-            self._check(job)
+            self.check(len(job.prompt), job.max_tokens)
         with self.lock:
             if len(self.waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue}); "
@@ -130,15 +130,15 @@ class Scheduler:
             self.lock.notify()
         self._thread.join(timeout=10)
 
-    def _check(self, job: Job) -> None:
-        if not job.prompt:
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """An SlmError naming the problem when a job of this size cannot run."""
+        if not prompt_tokens:
             raise SlmError("the prompt is empty")
-        if job.max_tokens < 0:
+        if max_tokens < 0:
             raise SlmError("max_tokens must be >= 0")
-        if len(job.prompt) + job.max_tokens > self.context:
-            raise SlmError(f"the prompt ({len(job.prompt)} tokens) plus max_tokens ({job.max_tokens}) "
-                           f"exceeds the model's context of {self.context} tokens; shorten the prompt or lower "
-                           "max_tokens")
+        if prompt_tokens + max_tokens > self.context:
+            raise SlmError(f"this model's context is {self.context} tokens; the prompt has {prompt_tokens} and "
+                           f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.")
 
     # -- the scheduler thread ---------------------------------------------------------------------
 
@@ -246,26 +246,24 @@ class Scheduler:
     # -- log-probabilities ------------------------------------------------------------------------
 
     def _token_info(self, job: Job, logits: torch.Tensor, token: int) -> TokenInfo:
-        if job.top_logprobs is None:
+        if job.top_logprobs is None:  # only the id is needed
             return TokenInfo(token, "", 0.0, None)
-        logprobs = torch.log_softmax(logits, -1)
-        top = None
-        if job.top_logprobs > 0:
-            values, ids = logprobs.topk(job.top_logprobs)
-            top = {self._text(int(i)): float(v) for v, i in zip(values, ids)}
-        return TokenInfo(token, self._text(token), float(logprobs[token]), top)
+        return self._scored(torch.log_softmax(logits, -1), token, job.top_logprobs)
 
     def _prompt_logprobs(self, job: Job, logits: torch.Tensor) -> list[TokenInfo]:
-        """The prompt's tokens with the log-probability the model gave each (None for the first)."""
+        """The prompt's tokens with the log-probability the model gave each (NaN for the first)."""
         logprobs = torch.log_softmax(logits, -1)  # (T, V): row t predicts token t + 1
-        out = [TokenInfo(job.prompt[0], self._text(job.prompt[0]), float("nan"), None)]
-        for t, token in enumerate(job.prompt[1:]):
-            top = None
-            if job.top_logprobs:
-                values, ids = logprobs[t].topk(job.top_logprobs)
-                top = {self._text(int(i)): float(v) for v, i in zip(values, ids)}
-            out.append(TokenInfo(token, self._text(token), float(logprobs[t, token]), top))
-        return out
+        first = TokenInfo(job.prompt[0], self._text(job.prompt[0]), float("nan"), None)
+        return [first] + [self._scored(logprobs[t], token, job.top_logprobs or 0)
+                          for t, token in enumerate(job.prompt[1:])]
+
+    def _scored(self, logprobs: torch.Tensor, token: int, top_k: int) -> TokenInfo:
+        """token's log-prob in `logprobs` (V,), with the top_k most likely tokens when top_k > 0."""
+        top = None
+        if top_k > 0:
+            values, ids = logprobs.topk(top_k)
+            top = {self._text(int(i)): float(v) for v, i in zip(values, ids)}
+        return TokenInfo(token, self._text(token), float(logprobs[token]), top)
 
     def _text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special=False)

@@ -87,11 +87,16 @@ class MultipleChoiceTask(Task):
         (lm-evaluation-harness divides by the continuation's length in characters; bytes agree on
         English and do not favour non-ASCII answers)."""
         gold = self.gold(doc)
-        lengths = [max(len(c.encode()), 1) for c in self.choices(doc)]
-        values = {"acc": float(_argmax(logprobs) == gold)}
+        values = {"acc": float(self.chosen(doc, logprobs, per_byte=False) == gold)}
         if "acc_norm" in self.metrics:
-            values["acc_norm"] = float(_argmax([lp / n for lp, n in zip(logprobs, lengths)]) == gold)
+            values["acc_norm"] = float(self.chosen(doc, logprobs, per_byte=True) == gold)
         return values
+
+    def chosen(self, doc: dict, logprobs: list[float], per_byte: bool) -> int:
+        """The model's answer: the most likely choice, per byte of its text for acc_norm."""
+        if per_byte:
+            logprobs = [lp / max(len(c.encode()), 1) for lp, c in zip(logprobs, self.choices(doc))]
+        return _argmax(logprobs)
 
 
 class GenerateTask(Task):
