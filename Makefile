@@ -26,12 +26,14 @@ test: setup
 
 # Slow checks and benchmarks (each writes bench/results/*.json and prints a table).
 bench: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/decode.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/distill.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/quantize.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

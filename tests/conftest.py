@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Said by every llama.cpp test that skips on a machine without the extra (CI installs it: .ci/run).
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (builds llama.cpp; CI has it)"
+
 # The shared data sets live beside the checkout (../shared/data); SLMKIT_DATA_DIR points elsewhere.
 DATA = Path(os.environ.get("SLMKIT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from slmkit.cli import main
 
@@ -81,14 +80,15 @@ def test_chat_reads_stdin(tmp_path, tiny_tokenizer):
 
 
 MEMORY_PROBE = """
-import resource, torch
+import torch
 from slmkit.load import load
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 torch.zeros(1) @ torch.zeros(1)  # finish torch's lazy setup before the baseline
 base = rss()
 loaded = load('smollm2-135m-instruct', dtype=torch.float32)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: after fork+exec from a large pytest process, ru_maxrss reports the parent's size
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 weights = sum(p.numel() * 4 for p in loaded.model.parameters())
 print(base, peak, weights)
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from conftest import LLAMA_CPP_MISSING
 import torch
 from torch import nn
 
@@ -255,7 +256,7 @@ def test_an_interrupted_save_leaves_no_checkpoint_under_the_target_name(tmp_path
     def crash(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf, "_write_json", crash)
+    monkeypatch.setattr(hf, "write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -344,7 +345,7 @@ def _llama_cpp_agrees(model, path, prompt: list[int], new: int, near_tie: float 
     """
     import numpy as np
 
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
     from slmkit.infer.engine import Engine
     from slmkit.infer.sampling import SamplingParams
 
@@ -369,7 +370,7 @@ def _llama_cpp_agrees(model, path, prompt: list[int], new: int, near_tie: float 
 
 
 def test_llama_cpp_continues_our_q8_0_smollm2_export_like_slmkit(tmp_path, smollm):
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
     from slmkit.interop.gguf import write_gguf
     from slmkit.load import load
 
@@ -380,7 +381,7 @@ def test_llama_cpp_continues_our_q8_0_smollm2_export_like_slmkit(tmp_path, smoll
 
 
 def test_llama_cpp_runs_a_model_slmkit_trained(tmp_path, story_data):
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
     from slmkit.config import from_dict
     from slmkit.interop.gguf import write_gguf
     from slmkit.load import load

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from slmkit.presets import DEFAULT_MODEL
 
@@ -218,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), default="q8_0",
                    help="tensor type: q8_0 is near-lossless, q4_k_m is llama.cpp's popular 4-bit mix")
 
+    p = export_sub.add_parser("gguf-lora", help="a LoRA adapter as a llama.cpp adapter file (--lora in llama.cpp)",
+                              description="Write an adapter directory (PEFT format) as a llama.cpp LoRA GGUF. Run it "
+                              "over a GGUF export of its base: llama-cli -m base.gguf --lora OUT.gguf")
+    p.add_argument("adapter", help="adapter directory (e.g. runs/s2d-lora)")
+    p.add_argument("out", help="OUT.gguf")
+    p.add_argument("--base", default=None, help="the base MODEL (default: the one the adapter's config names)")
+
+    p = sub.add_parser("merge", help="fold an adapter into its base's weights (a quantized base is requantized)",
+                       description="Write BASE with ADAPTER folded into its weights: an HF directory (or a "
+                       "quantized checkpoint when BASE is quantized: dequantize, merge, requantize, and report "
+                       "the error that adds).")
+    p.add_argument("base", help="the base MODEL the adapter was trained on")
+    p.add_argument("adapter", help="adapter directory (PEFT format)")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--dtype", choices=DTYPES + ("float16",), default="float32", help="safetensors precision of a float base")
+
     p = sub.add_parser("prepare", help="filter, de-duplicate, split, tokenize and pack text into shards",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=_config_help("PrepareConfig", "slmkit.data.prepare"))
@@ -242,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "slmkit.train.pretrain", "configs/pretrain/tinystories-10m.yaml", resumable=True)
     _add_config_verb(sub, "distill", "train a student from a teacher's outputs (logit, hidden-state KD)",
                      "DistillConfig", "slmkit.train.distill", "configs/distill/tinystories-23m.yaml", resumable=True)
+    _add_config_verb(sub, "finetune", "adapt a model to a task or domain: full, LoRA, DoRA or QLoRA",
+                     "FinetuneConfig", "slmkit.train.finetune", "configs/finetune/symptom2disease-lora.yaml",
+                     resumable=True)
     _add_config_verb(sub, "synth", "have a teacher write a corpus from seed prompts (sequence-level KD)",
                      "SynthConfig", "slmkit.data.synth", "synth.yaml holding the settings below (or key=value alone: count=200)")
 
@@ -260,6 +280,8 @@ EVAL_EPILOG = """examples:
   slm eval smollm2-135m-instruct                                         # the whole suite (see README)
   slm eval runs/smollm2-gptq --tasks mmlu --shots 0,5                    # the in-context-learning gain
   slm eval smollm2-135m-instruct --perplexity ../shared/data/corpus/wikitext2/valid.txt
+  slm eval runs/s2d-lora --tasks symptom2disease        # a fine-tuned model on its task's test split
+  slm eval runs/s2d-lora --tasks symptom2disease:val    # ... on the validation split, to choose settings
 
 Prompt formats and metrics follow lm-evaluation-harness (each task's docstring quotes them);
 results do not depend on --batch-size and are the same on every run.
@@ -343,7 +365,7 @@ def _load_generator(args):
     from slmkit.load import load
 
     _setup_threads(args)
-    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    loaded = load(args.model, dtype=getattr(torch, args.dtype), merge=True)
     return loaded, TextGenerator(loaded.model, loaded.tokenizer, args.context, compile=args.compile)
 
 
@@ -409,9 +431,8 @@ def cmd_presets(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from slmkit.load import load
 
-    loaded = load(args.src, dtype=torch.float32)
+    loaded = _load_whole(args.src)
     if args.dst.endswith(".gguf"):
         from slmkit.interop.gguf import write_gguf
 
@@ -431,16 +452,14 @@ def cmd_convert(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
-    import torch
 
-    from slmkit.load import load
     from slmkit.quant.api import QuantConfig, quantize_model, save_quantized
 
     _setup_threads(args)
     cfg = QuantConfig(method=args.method, group_size=args.group_size, pad_groups=args.pad_groups,
                       lm_head=not args.keep_lm_head, calib=args.calib, calib_samples=args.calib_samples,
                       calib_seq_len=args.calib_seq_len, act_order=args.act_order, skip=args.skip)
-    loaded = load(args.model, dtype=torch.float32)
+    loaded = _load_whole(args.model)
     started = time.perf_counter()
     report = quantize_model(loaded.model, cfg, loaded.tokenizer)  # checks every setting before any work
     out = save_quantized(loaded.model, loaded.tokenizer, args.out)
@@ -452,7 +471,6 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     import re
     import time
-    from pathlib import Path
 
     import torch
     from rich.console import Console
@@ -463,7 +481,8 @@ def cmd_eval(args) -> int:
     from slmkit.load import load
 
     if args.tasks == "list":
-        print("tasks: " + ", ".join(TASKS) + ", mmlu_SUBJECT (one MMLU subject, e.g. mmlu_anatomy)")
+        print("tasks: " + ", ".join(TASKS) + ", mmlu_SUBJECT (one MMLU subject, e.g. mmlu_anatomy), NAME:val (a "
+              "fine-tuning task's validation split, e.g. symptom2disease:val)")
         return 0
     _setup_threads(args)
     shots = parse_shots(args.shots)
@@ -483,7 +502,7 @@ def cmd_eval(args) -> int:
         Console().print(results_table(doc))
         print(f"wrote {save_results(doc, out)}")
         return 0
-    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    loaded = load(args.model, dtype=getattr(torch, args.dtype), merge=True)
     if loaded.tokenizer is None:
         raise SlmError("this model has no tokenizer; evaluation reads text (load a GGUF or an HF directory "
                        "with tokenizer.json)")
@@ -511,7 +530,6 @@ def cmd_bench(args) -> int:
     import json
     import time
     from dataclasses import asdict
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -551,7 +569,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_route_eval(args) -> int:
-    from pathlib import Path
 
     import torch
     from rich.console import Console
@@ -596,7 +613,6 @@ def cmd_route_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
 
     from slmkit.evals.report import write_report
 
@@ -613,11 +629,64 @@ def cmd_export(args) -> int:
 
     if not args.out.endswith(".gguf"):
         raise SlmError(f"'{args.out}' should end in .gguf")
-    loaded = load(args.model, dtype=torch.float32)
+    if args.export_format == "gguf-lora":
+        from slmkit.adapters.peft_format import is_adapter_dir
+        from slmkit.interop.gguf_lora import write_gguf_lora
+
+        if not is_adapter_dir(Path(args.adapter)):
+            raise SlmError(f"'{args.adapter}' is not an adapter directory (no adapter_config.json)")
+        loaded = load(args.adapter, dtype=torch.float32, base=args.base)
+        out = write_gguf_lora(loaded.model, args.out, Path(args.adapter.rstrip("/")).name)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it over a GGUF of its base "
+              f"({loaded.source.base}): llama-cli -m BASE.gguf --lora {out}")
+        return 0
+    loaded = _load_whole(args.model)
     if loaded.tokenizer is None:
         raise SlmError(f"'{args.model}' has no tokenizer; a GGUF file needs one")
     out = write_gguf(loaded.model, loaded.tokenizer, args.out, args.type)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
+def _load_whole(spec: str):
+    """MODEL in fp32 as one plain model: an adapter directory is merged into its base first (say so)."""
+    import torch
+
+    from slmkit.adapters.lora import lora_layers
+    from slmkit.adapters.merge import merge_adapters
+    from slmkit.load import load
+
+    loaded = load(spec, dtype=torch.float32)
+    if lora_layers(loaded.model):
+        print(f"{merge_adapters(loaded.model).summary()} (for a separate llama.cpp adapter: slm export gguf-lora)")
+    return loaded
+
+
+def cmd_merge(args) -> int:
+    import torch
+
+    from slmkit.adapters.merge import merge_adapters
+    from slmkit.adapters.peft_format import is_adapter_dir
+    from slmkit.errors import SlmError
+    from slmkit.load import load
+
+    if not is_adapter_dir(Path(args.adapter)):
+        raise SlmError(f"'{args.adapter}' is not an adapter directory (no adapter_config.json)")
+    loaded = load(args.adapter, dtype=torch.float32, base=args.base)
+    report = merge_adapters(loaded.model)
+    if loaded.model.config.quantization:
+        from slmkit.quant.api import save_quantized
+
+        out = save_quantized(loaded.model, loaded.tokenizer, args.out)
+    else:
+        from slmkit.fileio import partial_dir, replace_dir
+        from slmkit.interop.hf import save_hf
+
+        partial = partial_dir(Path(args.out))
+        save_hf(loaded.model, loaded.tokenizer, partial, getattr(torch, args.dtype))
+        out = replace_dir(partial, Path(args.out))
+    print(report.summary())
+    print(f"wrote {out}")
     return 0
 
 
@@ -667,7 +736,7 @@ def cmd_distill(args) -> int:
     return _train_recipe(DistillConfig, run, args, "student")
 
 
-def _train_recipe(config_cls, run, args, what: str) -> int:
+def _train_recipe(config_cls, run, args, what: str, final_hint=None) -> int:
     """Load a recipe config (YAML + key=value), run it, and say where the results are."""
     from slmkit.config import load_config
     from slmkit.train import dist
@@ -679,9 +748,16 @@ def _train_recipe(config_cls, run, args, what: str) -> int:
         dist.teardown()
     s = result.state
     best = f", best validation loss {s.best_val_loss:.4f} at step {s.best_step}" if s.best_val_loss else ""
+    where = final_hint(result) if final_hint else result.run_dir / "final"
     print(f"stopped ({result.stop_reason}) at step {s.step} after {s.tokens:,} tokens{best}; "
-          f"{what} in {result.run_dir / 'final'}, curves in {result.run_dir / 'loss.png'}")
+          f"{what} in {where}, curves in {result.run_dir / 'loss.png'}")
     return 0
+
+
+def cmd_finetune(args) -> int:
+    from slmkit.train.finetune import FinetuneConfig, run
+
+    return _train_recipe(FinetuneConfig, run, args, "the model", final_hint=lambda r: str(r.run_dir))
 
 
 def cmd_synth(args) -> int:
@@ -708,10 +784,11 @@ def cmd_demo(args) -> int:
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
          "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "export": cmd_export,
+         "merge": cmd_merge,
          "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "serve": cmd_serve,
          "route-eval": cmd_route_eval,
          "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,
-         "pretrain": cmd_pretrain, "distill": cmd_distill, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
+         "pretrain": cmd_pretrain, "distill": cmd_distill, "finetune": cmd_finetune, "synth": cmd_synth, "plot": cmd_plot, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -143,18 +143,26 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per config key (nested with dots): `key (type, default): doc` -- for `--help`."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per config key (nested with dots): `key (type, default): doc` -- for `--help`.
+
+    defaults: an instance whose values are the defaults (a recipe may give a nested section its
+    own defaults through a default_factory, e.g. fine-tuning's learning rate)."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            lines += describe(hint, f"{prefix}{f.name}.")
+            nested = getattr(defaults, f.name) if defaults is not None else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            lines += describe(hint, f"{prefix}{f.name}.", nested)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
         lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {docs.get(f.name, '')}".rstrip(": "))
     return lines

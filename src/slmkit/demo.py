@@ -2,7 +2,8 @@
 
 Step 1 loads the GGUF and prints its model card; step 2 answers three fixed prompts through the
 chat template, streaming, with tokens/s for each; step 3 distills a small student from it on the
-shared TinyStories sample (`demo_distill.py`). Later stages of the toolkit add their steps here.
+shared TinyStories sample (`demo_distill.py`); step 4 LoRA-tunes it on Symptom2Disease and shows
+accuracy and hallucination before and after on held-out rows (`demo_finetune.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 import torch
 
 from slmkit.card import console, print_card
+from slmkit.demo_distill import distill_step
+from slmkit.demo_finetune import finetune_step
 from slmkit.generate import TextGenerator
 from slmkit.infer.sampling import SamplingParams
 from slmkit.load import load
@@ -51,7 +54,8 @@ def run_demo(model: str = DEFAULT_MODEL, max_tokens: int = 96) -> int:
                   f"(bfloat16 weights, batch 1, {torch.get_num_threads()} threads)")
 
     console.rule("[bold]3. distill a small student from this model")
-    from slmkit.demo_distill import distill_step
-
     distill_step()
+
+    console.rule("[bold]4. fine-tune it for a task: LoRA on Symptom2Disease")
+    finetune_step()
     return 0

@@ -1,8 +1,9 @@
 """Drop-in replacements for `nn.Linear`, and the one function that swaps them into a model.
 
 A replacement keeps the original `weight`/`bias` Parameters (so state-dict names, tied
-embeddings and checkpoints are unchanged) and only changes how the product is computed.
-Compression (LoRA, int8/int4, masks) adds its variants here later.
+embeddings and checkpoints are unchanged) and only changes how the product is computed. The
+quantized linears live in `slmkit.quant.qlinear` and the LoRA/DoRA wrappers in
+`slmkit.adapters.lora`; all of them are put in place by `swap_linears`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class UpcastLinear(nn.Linear):
         return buffers[key].copy_(self.weight)
 
 
-def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> int:
-    """Replace each `nn.Linear` for which `make(name, linear)` returns a module; returns the count."""
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None],
+                 kinds: tuple[type, ...] = (nn.Linear,)) -> int:
+    """Replace each module of `kinds` (nn.Linear by default; adapters also wrap quantized linears)
+    for which `make(name, module)` returns a module; returns the count. Modules found inside a
+    replacement are not visited again (the list is taken before anything is swapped)."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]
     swapped = 0
     for name, linear in targets:
         new = make(name, linear)

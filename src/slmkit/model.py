@@ -113,15 +113,17 @@ class KVCache:
 
 
 def attention_mask(
-    start: int, t: int, key_valid: torch.Tensor | None, window: int | None, device=None
+    start: int, t: int, key_valid: torch.Tensor | None, window: int | None, device=None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for T queries at slots [start, start+T) over keys [0, start+T).
 
-    Returns no mask when SDPA's own paths are exact (one query seeing everything, or a causal
-    prefill from slot 0). Otherwise a bool mask (B or 1, 1, T, S). Every query may always see its
-    own slot, so a padding query never has an all-masked row (which would make NaNs).
+    segments: (B, T) document ids of packed training rows (no cache): a token sees only earlier
+    tokens of its own document. Returns no mask when SDPA's own paths are exact (one query seeing
+    everything, or a causal prefill from slot 0). Otherwise a bool mask (B or 1, 1, T, S). Every
+    query may always see its own slot, so a padding query never has an all-masked row (NaNs).
     """
-    if key_valid is None and window is None:
+    if key_valid is None and window is None and segments is None:
         if t == 1:
             return None, False
         if start == 0:
@@ -133,6 +135,8 @@ def attention_mask(
         allowed = allowed & (q - k < window)
     if key_valid is not None:
         allowed = allowed.unsqueeze(0) & key_valid[:, None, : start + t]  # (B, T, S)
+    if segments is not None:  # packed rows start at slot 0, so queries and keys index the same tokens
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])  # (B, T, T)
     allowed = allowed | (k == q)
     return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed[None, None], False
 
@@ -327,28 +331,37 @@ class CausalLM(nn.Module):
         return KVCache(self.kv_shapes(), batch, max_len, dtype or weight.dtype, weight.device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` (B, T). With `cache`, the tokens continue it and are appended.
 
         positions: (B, T) RoPE positions; by default the slot numbers (right for unpadded rows).
-        logits_to_keep: compute logits only for the last N positions (0 = all), as in HF.
+        logits_to_keep: compute logits only for the last N positions (0 = all), as in HF; or a
+            (B, T) bool mask of the positions to keep, which returns (N, V) for the N kept ones
+            (fine-tuning scores only the answer tokens, and the head is a fifth of a small model).
+        segment_ids: (B, T) document ids of packed rows (training only): documents do not see
+            each other; pass `positions` that restart at 0 for each document.
         """
         b, t = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is not None and start + t > cache.max_len:
             raise SlmError(f"KV cache holds {cache.max_len} tokens; cannot add {t} after {start}")
+        if segment_ids is not None and cache is not None:
+            raise SlmError("packed documents (segment_ids) are for training without a KV cache")
         if positions is None:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         x = self.dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         key_valid = cache.key_valid if cache is not None else None
-        mask, is_causal = attention_mask(start, t, key_valid, self.config.sliding_window, x.device)
+        mask, is_causal = attention_mask(start, t, key_valid, self.config.sliding_window, x.device, segment_ids)
         reps = self.config.block_repeats
         for i in range(self.config.num_hidden_layers):
             kv = cache.layer(i) if cache is not None else None
             x = self.model.layers[i // reps](x, cos, sin, mask, is_causal, kv, start)
         if cache is not None:
             cache.length = start + t
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[logits_to_keep]  # (N, C)
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        return self.lm_head(self.model.norm(x))  # (B, T, V), or (N, V) for a mask

@@ -80,7 +80,8 @@ def _field(record: dict, field: str, where: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def json_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSON-lines file; a bad line is an error naming it."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -88,10 +89,15 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SlmError(f"{path}:{number} is not valid JSON ({err.msg})") from err
+                raise SlmError(f"{path}:{number} is not valid JSON ({err.msg}); fix or remove that line") from err
             if not isinstance(record, dict):
                 raise SlmError(f"{path}:{number} is not a JSON object")
-            yield _field(record, field, f"{path}:{number}")
+            yield f"{path}:{number}", record
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    for where, record in json_records(path):
+        yield _field(record, field, where)
 
 
 def _read_csv(path: Path, field: str) -> Iterator[str]:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.fileio import write_json
 from slmkit.evals.runner import DEFAULT_SEED, run_task
 from slmkit.evals.tasks import make_task
 
@@ -100,11 +100,9 @@ def model_info(loaded) -> dict:
 
 def save_results(doc: dict, path: str | Path) -> Path:
     """Written under a temporary name, then renamed: a crash never leaves half a results file."""
-    from slmkit.interop.hf import atomic_write
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
+    write_json(path, doc)
     return path
 
 

@@ -65,7 +65,7 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True)
+    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True, merge=True)
     load_s = time.perf_counter() - started
     model, config = loaded.model, loaded.model.config
     if settings.prompt_tokens + settings.new_tokens > config.max_position_embeddings:

@@ -20,23 +20,26 @@ DEFAULT_SEED = 1234
 
 
 def fewshot_context(task: Task, doc: dict, index: int, shots: int, seed: int, pool: list[dict] | None) -> str:
-    """description + k examples + delimiters, as lm-evaluation-harness lays them out."""
-    head = task.description(doc)
-    if shots == 0:
-        return head
-    rng = random.Random(f"{seed}:{task.name}:{index}")
-    examples = task.fewshot_examples(doc, pool, shots, rng)
-    return head + task.fewshot_delimiter.join(task.fewshot_example(d) for d in examples) + task.fewshot_delimiter
+    """The text before the document's own prompt: description + k examples + delimiters, as
+    lm-evaluation-harness lays them out (`Task.context`; chat tasks render turns instead)."""
+    examples = []
+    if shots:
+        examples = task.fewshot_examples(doc, pool, shots, random.Random(f"{seed}:{task.name}:{index}"))
+    return task.context(doc, examples)
 
 
 def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = DEFAULT_SEED,
              progress: bool = True, on_docs: Callable[[int], None] | None = None) -> TaskResult:
     started = time.perf_counter()
+    if getattr(task, "needs_tokenizer", False):  # chat tasks render prompts with the model's own template
+        task.bind(getattr(lm, "tokenizer", None))
     docs = task.eval_docs()
     rows = first_docs(task, docs.rows, limit)
     pool = task.fewshot_docs().rows if shots else None
     contexts = [fewshot_context(task, doc, i, shots, seed, pool) for i, doc in enumerate(rows)]
-    if isinstance(task, MultipleChoiceTask):
+    if task.kind == "label":
+        per_doc, truncated = _label_set(lm, task, rows, contexts, progress)
+    elif isinstance(task, MultipleChoiceTask):
         per_doc, truncated = _multiple_choice(lm, task, rows, contexts, progress)
     elif isinstance(task, GenerateTask):
         per_doc, truncated = _generate(lm, task, rows, contexts, progress)
@@ -96,6 +99,17 @@ def _generate(lm, task: GenerateTask, rows, contexts, progress) -> tuple[list[di
     outputs = lm.generate_until(prompts, list(task.until), task.max_new_tokens, progress=progress)
     per_doc = [task.score(doc, text) for doc, (text, _) in zip(rows, outputs)]
     return per_doc, sum(t for _, t in outputs)
+
+
+def _label_set(lm, task, rows, contexts, progress) -> tuple[list[dict], int]:
+    """A closed label set, scored by log-likelihood (acc) and by the free answer (exact match,
+    hallucination) on the same prompts."""
+    per_doc, truncated = _multiple_choice(lm, task, rows, contexts, progress)
+    outputs = lm.generate_until([task.prompt(d, c) for d, c in zip(rows, contexts)], list(task.until),
+                                task.max_new_tokens, progress=progress)
+    for values, doc, (text, _) in zip(per_doc, rows, outputs):
+        values.update(task.score_answer(doc, text))
+    return per_doc, truncated
 
 
 def aggregate(per_doc: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:

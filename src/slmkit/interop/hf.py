@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from slmkit.config import ModelConfig, from_dict, to_dict
 from slmkit.errors import SlmError
+from slmkit.fileio import atomic_write, write_json
 from slmkit.tokenizer import Tokenizer
 
 HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -171,21 +171,12 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
              .contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    _write_json(path / "config.json", config_to_hf(config, dtype))
+    write_json(path / "config.json", config_to_hf(config, dtype))
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if tokenizer is not None:
         tokenizer.save(path)
         gen["pad_token_id"] = tokenizer.pad_token_id
-    _write_json(path / "generation_config.json", gen)
+    write_json(path / "generation_config.json", gen)
     return path
 
 
-def _write_json(file: Path, data: dict) -> None:
-    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def atomic_write(file: Path, write) -> None:
-    """Write through a temporary name and rename, so a crash never leaves half a file."""
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, file)

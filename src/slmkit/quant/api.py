@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slmkit.errors import SlmError
+from slmkit.fileio import partial_dir, replace_dir
 from slmkit.layers import swap_linears
 from slmkit.quant.fused import fuse_shared_inputs
 from slmkit.quant.qlinear import Int4Linear, Int8Linear
@@ -149,7 +150,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None, progress:
         made = _calibrated(model, cfg, tokenizer, chosen, progress)
     swap_linears(model, lambda name, _linear: made.get(name))
     fuse_shared_inputs(model)
-    model.config.quantization = _section(cfg)
+    model.config.quantization = quant_section(cfg)
     return _report(model, cfg, chosen, kept)
 
 
@@ -316,7 +317,8 @@ def _quantize_head(model, inputs, cfg: QuantConfig) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def _section(cfg: QuantConfig) -> dict:
+def quant_section(cfg: QuantConfig) -> dict:
+    """What a quantized checkpoint's config records of how it was made."""
     section = {"method": cfg.method, "bits": cfg.bits, "lm_head": cfg.lm_head, "skip": list(cfg.skip)}
     if cfg.bits == 4:
         section["group_size"] = cfg.group_size
@@ -355,20 +357,9 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
     Written whole into PATH.partial and then renamed, so an interrupted run never leaves a
     half-written checkpoint under the target name (an older one there is replaced only at the end).
     """
-    import shutil
-
     from slmkit.interop.hf import save_hf
 
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = partial_dir(path)
     save_hf(model, tokenizer, partial, dtype=torch.float32)
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        partial.rename(path)
-        shutil.rmtree(old)
-    else:
-        partial.rename(path)
-    return path
+    return replace_dir(partial, path)

@@ -52,6 +52,17 @@ class QuantLinear(nn.Module):
         self._cast.clear()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # an adapter above trains: gradients flow to x
+            return FrozenProduct.apply(x, self)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self, cache: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
     def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -78,10 +89,10 @@ class Int8Linear(QuantLinear):
             module.bias.copy_(bias)
         return module
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, cache: bool = False) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = _kernel_input(x.reshape(-1, self.in_features))
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._cached(self.scales, x2.dtype))
@@ -130,22 +141,34 @@ class Int4Linear(QuantLinear):
         self.scale_offset = torch.stack([scales.t(), offset.t()], dim=-1).contiguous()  # (G, Np, 2)
         self._cast.clear()
 
-    def codes(self) -> torch.Tensor:
-        """The (N, Kp) codes, recovered from the kernel's packing (see `kernel_layout`)."""
+    def codes(self, cache: bool = False) -> torch.Tensor:
+        """The (N, Kp) codes, recovered from the kernel's packing (see `kernel_layout`).
+
+        cache: keep them as plain nibbles too (half a byte per weight): the backward pass of a
+        QLoRA step dequantizes every layer once per step, and the layout probe is meant for saving."""
+        if "plain" in self._cast:
+            plain = self._cast["plain"]
+            return torch.stack([plain & 15, plain >> 4], dim=-1).reshape(self.out_features, self.padded_in)
+        codes = self._probed_codes()
+        if cache:
+            self._cast["plain"] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        return codes
+
+    def _probed_codes(self) -> torch.Tensor:
         source = kernel_layout(self.padded_out, self.padded_in)
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
         codes = torch.empty(self.padded_out * self.padded_in, dtype=torch.uint8)
         codes[source] = nibbles
         return codes.reshape(self.padded_out, self.padded_in)[: self.out_features]
 
-    def dequantized(self) -> torch.Tensor:
-        """(N, K) float weights: the exact values the kernel multiplies by."""
+    def dequantized(self, cache: bool = False) -> torch.Tensor:
+        """(N, K) float weights: the exact values the kernel multiplies by (cache: see `codes`)."""
         g = self.group_size
-        codes = self.codes().float().reshape(self.out_features, -1, g)
+        codes = self.codes(cache).float().reshape(self.out_features, -1, g)
         w = (codes - self.zeros.float()[..., None]) * self.scales[..., None]
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_kernel is not None:
             return self._finish(self.shared_kernel.output(self, x), x.shape)
         x2 = self.kernel_input(x)
@@ -197,6 +220,23 @@ class Int4Linear(QuantLinear):
 
 
 KERNEL_DTYPE = torch.bfloat16
+
+
+class FrozenProduct(torch.autograd.Function):
+    """y = x W^T + b on a quantized kernel, with W frozen: the backward pass gives only
+    dL/dx = dL/dy W, from W dequantized for that layer alone (QLoRA trains adapters over a packed
+    base without an fp32 copy of the whole model). The packed kernels have no autograd formula."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module, ctx.shape = module, x.shape
+        return module._product(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantized(cache=True)  # (N, K) fp32, freed after this layer
+        grad_x = grad.reshape(-1, weight.shape[0]).float() @ weight
+        return grad_x.reshape(ctx.shape).to(grad.dtype), None
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:

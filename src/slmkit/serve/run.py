@@ -21,28 +21,63 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_backend(name: str, model: str, args):
+class ModelPool:
+    """Loads each model once: adapters over the same base share that base's weights (one copy in
+    memory, whatever the number of adapters), and a base served by its own name is that copy too."""
+
+    def __init__(self, dtype):
+        self.dtype, self.loaded = dtype, {}
+
+    def get(self, spec: str):
+        """(model, tokenizer) of MODEL; an adapter directory gets its own module tree over the shared base."""
+        from slmkit.adapters.merge import with_adapter_copy
+        from slmkit.adapters.peft_format import attach_adapter, is_adapter_dir, read_adapter
+        from slmkit.load import find_base
+        from slmkit.tokenizer import Tokenizer
+
+        if not is_adapter_dir(Path(spec)):
+            base = self._base(spec)
+            return base.model, base.tokenizer
+        adapter = read_adapter(spec)
+        base = self._base(find_base(adapter))
+        model = with_adapter_copy(base.model)
+        attach_adapter(model, adapter)
+        tokenizer = Tokenizer.from_dir(spec) if (Path(spec) / "tokenizer.json").is_file() else base.tokenizer
+        return model.eval(), tokenizer
+
+    def _base(self, spec: str):
+        from slmkit.load import load, resolve
+
+        key = str(resolve(spec))
+        if key not in self.loaded:
+            self.loaded[key] = load(spec, dtype=self.dtype)
+        return self.loaded[key]
+
+
+def load_backend(name: str, model: str, args, pool: ModelPool | None = None):
     import torch
 
-    from slmkit.load import load
     from slmkit.serve.backend import LocalBackend
 
-    loaded = load(model, dtype=getattr(torch, args.dtype))
-    return LocalBackend(name, loaded.model, loaded.tokenizer, args.max_batch, args.max_queue, args.context)
+    pool = pool or ModelPool(getattr(torch, args.dtype))
+    weights, tokenizer = pool.get(model)
+    return LocalBackend(name, weights, tokenizer, args.max_batch, args.max_queue, args.context)
 
 
 def build_backends(args) -> dict:
-    backends = {}
+    import torch
+
+    backends, pool = {}, ModelPool(getattr(torch, args.dtype))
     if args.route:
         from slmkit.serve.router import build_router
 
-        router = build_router(args, lambda name, model: load_backend(name, model, args))
+        router = build_router(args, lambda name, model: load_backend(name, model, args, pool))
         backends.update(router.local_backends())
         backends["auto"] = router
     if args.models or not args.route:
         for name, model in parse_model_specs(args.models).items():
             if name not in backends:
-                backends[name] = load_backend(name, model, args)
+                backends[name] = load_backend(name, model, args, pool)
     return backends
 
 

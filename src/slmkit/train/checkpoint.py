@@ -22,14 +22,40 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from slmkit.errors import SlmError
+from slmkit.interop.hf import save_hf
 
-REQUIRED = ("model.safetensors", "config.json", "optimizer.safetensors", "rng.safetensors", "trainer.json")
+REQUIRED = ("optimizer.safetensors", "rng.safetensors", "trainer.json")
+
+
+@dataclass
+class ModelFiles:
+    """How a run writes its model into a directory and restores it on resume: a whole HF model
+    (pretraining, distillation, full fine-tuning) or only the adapter (LoRA, DoRA, QLoRA)."""
+
+    save: Callable[[nn.Module, object, Path], object]  # (model, tokenizer, directory)
+    restore: Callable[[nn.Module, Path], None]  # load the saved trainable weights into the model
+    required: tuple[str, ...]  # files a complete checkpoint has
+
+
+def _save_hf(model, tokenizer, path: Path) -> None:
+    save_hf(model, tokenizer, path)
+
+
+def _restore_hf(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _load_weights(path, model, load_file(str(path / "model.safetensors")))
+
+
+HF_FILES = ModelFiles(_save_hf, _restore_hf, ("model.safetensors", "config.json"))
 
 
 @dataclass
@@ -47,16 +73,15 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 
 def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer, rng_states: list[torch.Tensor],
-                    config: dict, best: bool = False, keep: int = 2, extra=None) -> Path:
+                    config: dict, best: bool = False, keep: int = 2, extra=None, files: ModelFiles = HF_FILES) -> Path:
     """Write the checkpoint for `state.step` atomically and point RUN/last (and RUN/best) at it."""
     from safetensors.torch import save_file
-
-    from slmkit.interop.hf import save_hf
 
     final = checkpoint_dir(run, state.step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tokenizer, tmp)
+    tmp.mkdir(parents=True)
+    files.save(model, tokenizer, tmp)
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
     save_file({f"rank{r}": s for r, s in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
@@ -74,26 +99,26 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, extra=None) -> tuple[TrainerState, dict, list[torch.Tensor]]:
+def load_checkpoint(path: Path, model, optimizer, extra=None,
+                    files: ModelFiles = HF_FILES) -> tuple[TrainerState, dict, list[torch.Tensor]]:
     """Restore weights (and `extra`) and optimizer in place; returns (state, saved config, per-rank RNG states)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = path.resolve()
-    for name in REQUIRED + (("extra.safetensors",) if extra is not None else ()):
+    for name in files.required + REQUIRED + (("extra.safetensors",) if extra is not None else ()):
         if not (path / name).is_file():
             raise _corrupt(path, f"{name} is missing")
     try:
         trainer = json.loads((path / "trainer.json").read_text())
         state = TrainerState(**trainer["state"])
-        weights = load_file(str(path / "model.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
         if extra is not None:
             extra.load_state_dict(load_file(str(path / "extra.safetensors")))
+        files.restore(model, path)
     except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError, RuntimeError) as err:
         raise _corrupt(path, str(err)) from err
-    _load_weights(path, model, weights)
     try:
         optimizer.load_state_dict(_optimizer_state(opt_tensors, trainer["param_groups"]))
     except (ValueError, KeyError) as err:

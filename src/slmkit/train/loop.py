@@ -28,8 +28,8 @@ from tqdm import tqdm
 from slmkit.errors import SlmError
 from slmkit.layers import cpu_has_native_bf16
 from slmkit.train import dist
-from slmkit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint, truncate_metrics
-from slmkit.train.losses import lm_loss
+from slmkit.train.checkpoint import HF_FILES, ModelFiles, TrainerState, load_checkpoint, save_checkpoint, truncate_metrics
+from slmkit.train.losses import IGNORE, lm_loss
 from slmkit.train.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
@@ -104,19 +104,21 @@ class TrainResult:
 
 def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokenizer=None, *,
           loss_fn: LossFn = lm_loss, val_batches: list[dict] | None = None, resume: bool = False,
-          extra: nn.Module | None = None) -> TrainResult:
-    """Train `model` (and `extra`) in place on `data.batch(step, micro, rank)`; see the module docstring."""
+          extra: nn.Module | None = None, files: ModelFiles = HF_FILES) -> TrainResult:
+    """Train `model` (and `extra`) in place on `data.batch(step, micro, rank)`; see the module docstring.
+
+    Only parameters with requires_grad train (an adapter over a frozen base); `files` says how
+    checkpoints and RUN/final hold the model (a whole model, or only its adapter)."""
     info = dist.setup(cfg.device)
     run = Path(run_dir)
     _check_run_dir(run, resume)
     model.to(info.device).train()
     trainable = nn.ModuleList([model] + ([extra.to(info.device).train()] if extra is not None else []))
     opt = build_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-    state = _resume(run, model, opt, cfg, info, extra) if resume else _fresh(run, cfg, info)
+    state = _resume(run, model, opt, cfg, info, extra, files) if resume else _fresh(run, cfg, info)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
     forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
     amp = _autocast(cfg.precision, info.device)
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=state.step, desc="training", unit="step", disable=not info.is_main,
                dynamic_ncols=True, mininterval=1.0)
     started, stop_reason = time.perf_counter() - state.elapsed_seconds, "steps"
@@ -124,9 +126,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
         tick = time.perf_counter()
         row = _step(forward, wrapped, trainable, opt, data, cfg, state.step, info, loss_fn, amp)
         state.step += 1
-        state.tokens += tokens_per_step
+        tokens = row.pop("positions") * info.world  # what the model ran on: windows, or padded/packed examples
+        state.tokens += tokens
         state.elapsed_seconds = time.perf_counter() - started
-        row.update(step=state.step, tokens=state.tokens, tok_per_s=tokens_per_step / (time.perf_counter() - tick))
+        row.update(step=state.step, tokens=state.tokens, tok_per_s=tokens / (time.perf_counter() - tick))
         if info.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
             _log(run, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
@@ -139,14 +142,14 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
             stop_reason = "time_limit"
         stopping = stop_reason != "steps" or state.step == cfg.steps
         if improved or stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-            _checkpoint(run, state, model, opt, tokenizer, cfg, info, best=improved, extra=extra)
+            _checkpoint(run, state, model, opt, tokenizer, cfg, info, best=improved, extra=extra, files=files)
         if stop_reason != "steps":
             break
     bar.close()
     if info.is_main:
-        from slmkit.interop.hf import save_hf
-
-        save_hf(model, tokenizer, run / "final")
+        final = run / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        files.save(model, tokenizer, final)
         _plot(run)
     dist.barrier()
     return TrainResult(state, run, stop_reason)
@@ -161,6 +164,7 @@ def _step(forward, wrapped, trainable, opt, data, cfg: TrainConfig, step: int, i
     for group in opt.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=info.device)
+    positions = 0
     logs: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         batch = {k: v.to(info.device) for k, v in data.batch(step, micro, info.rank).items()}
@@ -171,6 +175,7 @@ def _step(forward, wrapped, trainable, opt, data, cfg: TrainConfig, step: int, i
                 loss, logs = loss_fn(forward, batch)
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float()
+        positions += batch["input_ids"].numel()
     if len(trainable) > 1 and info.world > 1:  # DDP syncs the model's gradients, not the extras'
         dist.average_gradients(trainable[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip or math.inf)
@@ -179,24 +184,23 @@ def _step(forward, wrapped, trainable, opt, data, cfg: TrainConfig, step: int, i
     mean_loss = dist.all_reduce_sum(total / cfg.grad_accum).item() / info.world
     if not math.isfinite(mean_loss):
         raise SlmError(f"the loss became {mean_loss} at step {step + 1}; lower lr or enable grad_clip")
-    return {"kind": "train", "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), **logs}
+    return {"kind": "train", "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "positions": positions,
+            **logs}
 
 
 @torch.no_grad()
 def evaluate(forward, model: nn.Module, batches: list[dict], amp=contextlib.nullcontext(),
              device=torch.device("cpu")) -> float:
     """Mean next-token loss over `batches` (summed over every rank's share)."""
-    from slmkit.train.losses import IGNORE
-
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     for batch in batches:
-        with amp:
-            logits = forward(batch["input_ids"].to(device))
         targets = batch["targets"].to(device)
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                   ignore_index=IGNORE, reduction="sum")
-        totals += torch.stack([losses.double(), (targets != IGNORE).sum().double()])
+        keep = targets != IGNORE  # logits only where a target counts (fine-tuning: the answers)
+        with amp:
+            logits = forward(batch["input_ids"].to(device), logits_to_keep=keep)  # (N, V)
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        totals += torch.stack([losses.double(), keep.sum().double()])
     model.train()
     loss_sum, count = dist.all_reduce_sum(totals).tolist()
     return loss_sum / max(count, 1)
@@ -238,8 +242,8 @@ def _fresh(run: Path, cfg: TrainConfig, info) -> TrainerState:
     return TrainerState()
 
 
-def _resume(run: Path, model, opt, cfg: TrainConfig, info, extra=None) -> TrainerState:
-    state, saved, rng_states = load_checkpoint(run / "last", model, opt, extra)
+def _resume(run: Path, model, opt, cfg: TrainConfig, info, extra=None, files: ModelFiles = HF_FILES) -> TrainerState:
+    state, saved, rng_states = load_checkpoint(run / "last", model, opt, extra, files)
     saved_train, saved_world = saved.get("train", {}), saved.get("world", 1)
     problems = [f"{k} {saved_train[k]} -> {getattr(cfg, k)}" for k in RESUME_KEYS
                 if k in saved_train and saved_train[k] != getattr(cfg, k)]
@@ -254,19 +258,24 @@ def _resume(run: Path, model, opt, cfg: TrainConfig, info, extra=None) -> Traine
     return state
 
 
-def _checkpoint(run: Path, state, model, opt, tokenizer, cfg: TrainConfig, info, best: bool, extra=None) -> None:
+def _checkpoint(run: Path, state, model, opt, tokenizer, cfg: TrainConfig, info, best: bool, extra=None,
+                files: ModelFiles = HF_FILES) -> None:
     rng = dist.gather_rng_states()
     if info.is_main:
         save_checkpoint(run, state, model, opt, tokenizer, rng, {"train": asdict(cfg), "world": info.world},
-                        best=best, keep=cfg.keep_checkpoints, extra=extra)
+                        best=best, keep=cfg.keep_checkpoints, extra=extra, files=files)
     dist.barrier()
 
 
-def _autocast(precision: str, device: torch.device):
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run at `precision` computes its products in bf16 (autocast) on `device`."""
     if precision not in ("auto", "fp32", "bf16"):
         raise SlmError(f"precision must be auto, fp32 or bf16, not '{precision}'")
-    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def _log(run: Path, row: dict) -> None:

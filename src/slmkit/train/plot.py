@@ -47,6 +47,9 @@ def plot_run(run: str | Path) -> Path:
         _mark_gap(ax, steps, smoothed, ev_steps[-1], ev_losses[-1])
         best = min(evals, key=lambda r: r["val_loss"])
         ax.axvline(best["step"], color="tab:green", linestyle=":", label=f"best validation (step {best['step']})")
+    shown = smoothed + ([r["val_loss"] for r in evals] if evals else [])
+    if min(shown) > 0 and max(shown) / min(shown) > 20:  # fine-tuning: from nats to hundredths; the rise shows on a log scale
+        ax.set_yscale("log")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run.name)
     ax.legend()

@@ -64,6 +64,13 @@ class Task:
     def fewshot_example(self, doc: dict) -> str:
         return self.text(doc) + self.target_delimiter + self.target(doc)
 
+    def context(self, doc: dict, examples: list[dict]) -> str:
+        """What precedes the document's own text: description + examples + delimiters."""
+        head = self.description(doc)
+        if not examples:
+            return head
+        return head + self.fewshot_delimiter.join(self.fewshot_example(d) for d in examples) + self.fewshot_delimiter
+
 
 class MultipleChoiceTask(Task):
     metrics = ("acc", "acc_norm")

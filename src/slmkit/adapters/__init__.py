@@ -1,0 +1,1 @@
+"""Adapters: LoRA / DoRA layers over float or quantized linears, PEFT-format files, merging."""

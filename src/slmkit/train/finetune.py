@@ -1,0 +1,169 @@
+"""Fine-tuning recipe: adapt a model to a task or a domain (full, LoRA, DoRA or QLoRA).
+
+    slm finetune --config configs/finetune/symptom2disease-lora.yaml [key=value ...] [--resume]
+    torchrun --nproc_per_node 2 -m slmkit.cli finetune --config ...      (data parallel)
+
+Thin on purpose: it loads the base, wraps it (adapters, or a quantized base under adapters),
+encodes the examples with their loss masks, and calls the one training loop. The run directory
+ends up being a MODEL itself: the best checkpoint (by validation loss, else the last) is copied to
+its top, an adapter directory in PEFT's format for lora/dora/qlora, an HF directory for full, so
+`slm chat RUN`, `slm eval RUN` and `slm serve name=RUN` use it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from slmkit.adapters.lora import LoraConfig, add_lora, check_rank, lora_layers, resolve_targets
+from slmkit.adapters.peft_format import restore_adapter, save_adapter
+from slmkit.config import to_dict
+from slmkit.data.loader import Layout
+from slmkit.data.sft import encode_all
+from slmkit.data.sft_batches import ExampleBatches, validation_batches
+from slmkit.data.tasks import FinetuneData, finetune_examples
+from slmkit.errors import SlmError
+from slmkit.fileio import atomic_write
+from slmkit.load import load
+from slmkit.presets import DEFAULT_MODEL
+from slmkit.quant.api import QuantConfig, quant_section, quantize_model, save_quantized
+from slmkit.train import dist
+from slmkit.train.checkpoint import HF_FILES, REQUIRED, ModelFiles
+from slmkit.train.loop import TrainConfig, TrainResult, train, uses_bf16
+from slmkit.train.losses import masked_lm_loss
+
+METHODS = ("full", "lora", "dora", "qlora")
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(steps=0, micro_batch_size=8, seq_len=512, lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                       weight_decay=0.0, eval_every=25, checkpoint_every=50,
+                       early_stopping_patience=3)
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = DEFAULT_MODEL
+    """The model to adapt: a GGUF file, an HF directory (a quantized checkpoint for qlora too) or the bundled model."""
+    method: str = "lora"
+    """full (every weight), lora, dora (LoRA plus a learned magnitude), qlora (LoRA over an int4/int8 base)."""
+    out: str = "runs/finetune"
+    """Run directory; in the end it is itself a MODEL (adapter or HF directory)."""
+    epochs: float = 3.0
+    """Passes over the training examples; sets train.steps (0 = use train.steps as given)."""
+    init_seed: int = 0
+    """Seed of the adapters' initial weights."""
+    data: FinetuneData = field(default_factory=FinetuneData)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(method="int4", lm_head=False))
+    """qlora: how the base is quantized when it is not already (the packed weights stay frozen)."""
+    train: TrainConfig = field(default_factory=_train_defaults)
+
+
+def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
+    if cfg.method not in METHODS:
+        raise SlmError(f"unknown fine-tuning method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    info = dist.setup(cfg.train.device)
+    train_examples, val_examples = finetune_examples(cfg.data)  # bad data fails before the model loads
+    loaded = load(cfg.base, dtype=torch.float32, merge=True)  # an adapter base is folded in: train on top of it
+    if lora_layers(loaded.model):
+        raise SlmError(f"the base '{cfg.base}' is an adapter over a quantized model; merge it first (`slm merge`)")
+    if loaded.tokenizer is None:
+        raise SlmError(f"the base '{cfg.base}' has no tokenizer; fine-tuning reads text")
+    t, tokenizer = cfg.train, loaded.tokenizer
+    train_set, report = encode_all(train_examples, tokenizer, t.seq_len + 1, cfg.data.overlong)
+    val_set, _ = encode_all(val_examples, tokenizer, t.seq_len + 1, cfg.data.overlong) if val_examples else ([], None)
+    model, files = prepare_model(cfg, loaded.model, tokenizer, info)
+    layout = Layout(t.micro_batch_size, t.grad_accum, info.world)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = ExampleBatches(train_set, t.seq_len, layout, t.seed, cfg.data.packing, pad)
+    if cfg.epochs > 0:
+        t.steps = max(1, math.ceil(cfg.epochs * batches.rows_per_epoch / layout.global_batch))
+    val = validation_batches(val_set, t.micro_batch_size, pad, info.rank, info.world) if val_set and t.eval_every else None
+    if info.is_main:
+        _describe(cfg, model, report, len(val_set), t.steps)
+        _write_config(cfg, resume)
+    result = train(model, batches, t, cfg.out, tokenizer, loss_fn=masked_lm_loss, val_batches=val, resume=resume,
+                   files=files)
+    if info.is_main:
+        publish(result.run_dir)
+    return result
+
+
+def prepare_model(cfg: FinetuneConfig, model, tokenizer, info):
+    """The model to train and how its checkpoints hold it: whole (full) or as an adapter."""
+    quantized = bool(model.config.quantization)
+    if cfg.method == "full":
+        if quantized:
+            raise SlmError("full fine-tuning needs float weights; adapt a quantized base with method=qlora")
+        return model, HF_FILES
+    base = cfg.base if not Path(cfg.base).exists() else str(Path(cfg.base).resolve())
+    lora = LoraConfig(**{**to_dict(cfg.lora), "dora": cfg.lora.dora or cfg.method == "dora"})
+    check_rank(model, resolve_targets(model, lora.targets), lora.r)  # before quantizing: fail before work
+    if cfg.method == "qlora" and not quantized:
+        model, base = _quantized_base(cfg, model, tokenizer, info.is_main)
+    elif cfg.method != "qlora" and quantized:
+        raise SlmError(f"the base '{cfg.base}' is quantized: adapt it with method=qlora")
+    add_lora(model, lora, torch.Generator().manual_seed(cfg.init_seed))
+    if uses_bf16(cfg.train.precision, info.device):
+        frozen_linears_to_bf16(model)
+    files = ModelFiles(lambda m, tok, path: save_adapter(m, path, base, tok), restore_adapter,
+                       ("adapter_config.json", "adapter_model.safetensors"))
+    return model, files
+
+
+def frozen_linears_to_bf16(model) -> None:
+    """Under bf16 autocast, keep the frozen base's linear weights in bf16: autocast would round them
+    to bf16 at every step anyway (it caches casts only of weights that train), so this is the same
+    arithmetic with half the memory and no per-step casts. The embedding (and a head tied to it)
+    stays in fp32: it sets the residual stream's precision."""
+    embedding = model.model.embed_tokens.weight
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+
+
+def _quantized_base(cfg: FinetuneConfig, model, tokenizer, is_main: bool):
+    """Quantize the base once and keep it in RUN/base (the adapter's base: exact, loads fast);
+    a resumed run reads it back instead of quantizing again."""
+    path = Path(cfg.out) / "base"
+    if (path / "config.json").is_file():
+        kept = load(str(path), dtype=torch.float32).model
+        if kept.config.quantization == quant_section(cfg.quant):
+            return kept, str(path.resolve())
+    quantize_model(model, cfg.quant, tokenizer, progress=is_main)
+    if is_main:
+        save_quantized(model, tokenizer, path)
+    dist.barrier()
+    return model, str(path.resolve())
+
+
+def publish(run: Path) -> Path:
+    """Copy the kept model (RUN/best, else RUN/final) to the top of the run directory, file by file
+    through temporary names and its config last: a directory with a config is complete."""
+    source = ((run / "best") if (run / "best").exists() else run / "final").resolve()
+    for item in sorted(source.iterdir(), key=lambda p: (p.name in ("config.json", "adapter_config.json"), p.name)):
+        if item.is_file() and item.name not in REQUIRED and item.suffix != ".tmp":
+            atomic_write(run / item.name, lambda tmp, item=item: shutil.copyfile(item, tmp))
+    return run
+
+
+def _describe(cfg: FinetuneConfig, model, report, n_val: int, steps: int) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"fine-tuning {cfg.base} ({cfg.method}): {trainable:,} trainable parameters "
+          f"({trainable / max(total, 1):.2%} of {total:,} float ones)")
+    print(f"training data: {report.summary()}; validation: {n_val} examples; {steps} steps")
+
+
+def _write_config(cfg: FinetuneConfig, resume: bool) -> None:
+    out = Path(cfg.out)
+    if not resume and not (out / "last").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
