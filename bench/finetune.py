@@ -244,11 +244,17 @@ def speed_vs_peft(rounds: int = 5, steps: int = 4, precision: str = "fp32") -> d
 # -- orchestration -----------------------------------------------------------------------------------
 
 
-def part(name: str, reuse: bool, make) -> dict:
+ASSEMBLE_ONLY = False  # --assemble: build the results from the parts already measured, run nothing
+
+
+def part(name: str, reuse: bool, make) -> dict | None:
     path = PARTS / f"{name}.json"
-    if reuse and path.is_file():
+    if (reuse or ASSEMBLE_ONLY) and path.is_file():
         print(f"{name}: reusing {path}")
         return json.loads(path.read_text())
+    if ASSEMBLE_ONLY:
+        print(f"{name}: not measured (no {path})")
+        return None
     print(f"{name}: running", flush=True)
     started = time.perf_counter()
     value = make()
@@ -273,6 +279,9 @@ def task_parts(task: str, methods: tuple[str, ...], reuse: bool) -> dict:
         config = ROOT / "configs" / "finetune" / f"{task}-{method}.yaml"
         out["methods"][method] = part(f"{short}-{method}", reuse, lambda c=config, m=method: run_child(
             "finetune", str(c), str(RUNS / f"{short}-{m}"), task))
+    for group in out.values():  # parts --assemble found unmeasured are left out, not filled in
+        for key in [k for k, v in group.items() if v is None]:
+            del group[key]
     return out
 
 
@@ -283,6 +292,8 @@ def overfit_part(reuse: bool) -> dict:
     result = part("overfit", reuse, lambda: run_child(
         "finetune", str(config), str(out), "symptom2disease", "epochs=15", "data.max_train_rows=200",
         "train.schedule=constant", "train.lr=2e-3", "train.eval_every=10", "train.early_stopping_patience=12"))
+    if result is None:
+        return None
     from slmkit.train.plot import plot_run
 
     png = plot_run(out)
@@ -296,6 +307,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="s2d,sentiment,sst2,scitldr,speed,overfit")
     parser.add_argument("--reuse", action="store_true", help="reuse parts already measured (runs/bench-finetune/parts)")
+    parser.add_argument("--methods", default="full,lora,dora,qlora", help="fine-tuning methods to run (default: all)")
+    parser.add_argument("--assemble", action="store_true",
+                        help="run nothing: assemble bench/results/finetune.json from the measured parts")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -304,7 +318,9 @@ def main() -> None:
             rest[0], rest[1], int(rest[2]))
         print(json.dumps(value))
         return
-    only = set(args.only.split(","))
+    only, wanted = set(args.only.split(",")), set(args.methods.split(","))
+    global ASSEMBLE_ONLY
+    ASSEMBLE_ONLY = args.assemble
     doc = json.loads(OUT.read_text()) if OUT.is_file() and args.reuse else {}
     doc.update({"benchmark": "finetune", "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized to fp32)",
                 "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -312,11 +328,12 @@ def main() -> None:
     doc.setdefault("tasks", {})
     for task, methods in {**CLASSIFICATION, **GENERATION}.items():
         if SHORT[task] in only:
-            doc["tasks"][task] = task_parts(task, methods, args.reuse)
+            doc["tasks"][task] = task_parts(task, tuple(m for m in methods if m in wanted), args.reuse)
     if "speed" in only:
-        doc["lora_speed_vs_peft"] = [part(f"speed-{p}", args.reuse, lambda p=p: run_child_speed(p)) for p in ("fp32", "bf16")]
-    if "overfit" in only:
-        doc["overfit"] = overfit_part(args.reuse)
+        speeds = [part(f"speed-{p}", args.reuse, lambda p=p: run_child_speed(p)) for p in ("fp32", "bf16")]
+        doc["lora_speed_vs_peft"] = [s for s in speeds if s is not None]
+    if "overfit" in only and (result := overfit_part(args.reuse)) is not None:
+        doc["overfit"] = result
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
     print_tables(doc)
     print(f"wrote {OUT}")

@@ -19,7 +19,7 @@ from slmkit.errors import SlmError
 from slmkit.interop.hf import save_hf
 from slmkit.load import load, random_model
 from slmkit.quant.api import QuantConfig, quantize_model
-from slmkit.quant.qlinear import Int4Linear
+from slmkit.quant.qlinear import Int4Linear, Int8Linear
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -134,7 +134,8 @@ def test_training_matches_peft_and_transformers_step_for_step(tmp_path, tiny_tok
     assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-4, (ours, theirs)
 
 
-def test_qlora_trains_only_the_adapter_and_leaves_the_packed_base_bit_identical(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_qlora_trains_only_the_adapter_and_leaves_the_packed_base_bit_identical(tmp_path, tiny_tokenizer, bits):
     from slmkit.data.loader import Layout
     from slmkit.data.sft import Example, encode_all
     from slmkit.data.sft_batches import ExampleBatches
@@ -142,7 +143,7 @@ def test_qlora_trains_only_the_adapter_and_leaves_the_packed_base_bit_identical(
     from slmkit.train.losses import masked_lm_loss
 
     model = random_model(TINY, seed=0)
-    quantize_model(model, QuantConfig(method="int4", group_size=32, lm_head=False), progress=False)
+    quantize_model(model, QuantConfig(method=bits, group_size=32, lm_head=False), progress=False)
     packed = {k: v.clone() for k, v in model.state_dict().items()}
     add_lora(model, LoraConfig(r=4, alpha=8), torch.Generator().manual_seed(0))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -158,7 +159,7 @@ def test_qlora_trains_only_the_adapter_and_leaves_the_packed_base_bit_identical(
     assert set(after) == set(packed)
     assert all(torch.equal(after[k], packed[k]) for k in packed)  # codes, scales, zeros, norms, embedding
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before and "lora_B" in n)
-    assert any(isinstance(m, Int4Linear) for m in model.modules())
+    assert any(isinstance(m, Int4Linear if bits == "int4" else Int8Linear) for m in model.modules())
 
 
 def _adapter_files():

@@ -105,7 +105,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_sampling_matches_transformers_processors():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 

@@ -185,3 +185,12 @@ def test_a_label_set_with_one_class_is_refused(tmp_path, base_dir):
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a", "label": "a"}) + "\n" for i in range(9)))
     done = _slm("finetune", "--config", str(_recipe(tmp_path, base_dir, data, "one")))
     assert done.returncode == 2 and "one class only" in done.stderr
+
+
+def test_activation_checkpointing_keeps_the_loss_sequence(tmp_path, base_dir, chats):
+    """Recomputing each block in the backward pass changes memory, not arithmetic (dropout included)."""
+    for name, flag in (("plain", False), ("recomputed", True)):
+        _run(_recipe(tmp_path, base_dir, chats, name, steps=6, eval_every=0), f"train.activation_checkpointing={flag}",
+             "lora.dropout=0.1")
+    plain, recomputed = ([r["loss"] for r in _rows(tmp_path / n)] for n in ("plain", "recomputed"))
+    assert len(plain) == 6 and plain == pytest.approx(recomputed, rel=0, abs=1e-6)

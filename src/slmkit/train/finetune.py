@@ -105,6 +105,9 @@ def prepare_model(cfg: FinetuneConfig, model, tokenizer, info):
     base = cfg.base if not Path(cfg.base).exists() else str(Path(cfg.base).resolve())
     lora = LoraConfig(**{**to_dict(cfg.lora), "dora": cfg.lora.dora or cfg.method == "dora"})
     check_rank(model, resolve_targets(model, lora.targets), lora.r)  # before quantizing: fail before work
+    if cfg.method == "qlora" and info.device.type != "cpu":
+        raise SlmError("qlora trains over slmkit's packed int4/int8 CPU kernels; set train.device=cpu "
+                       "(on a GPU, method=lora needs no quantized base)")
     if cfg.method == "qlora" and not quantized:
         model, base = _quantized_base(cfg, model, tokenizer, info.is_main)
     elif cfg.method != "qlora" and quantized:

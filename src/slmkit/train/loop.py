@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
@@ -73,6 +74,8 @@ class TrainConfig:
     """torch.compile the model (faster steps after a compile of a minute or two)."""
     compile_mode: str = "max-autotune-no-cudagraphs"
     """torch.compile mode; max-autotune lets Inductor fuse elementwise work into its GEMM kernels."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input and recompute its activations in the backward pass: a small model's activations shrink from ~1.5 MB to ~0.1 MB per token, for ~1/3 more compute."""
     device: str = "auto"
     """auto (CUDA if present, else CPU), cpu or cuda."""
     seed: int = 1337
@@ -113,6 +116,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
     run = Path(run_dir)
     _check_run_dir(run, resume)
     model.to(info.device).train()
+    if cfg.activation_checkpointing:
+        recompute_blocks(model)
     trainable = nn.ModuleList([model] + ([extra.to(info.device).train()] if extra is not None else []))
     opt = build_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     state = _resume(run, model, opt, cfg, info, extra, files) if resume else _fresh(run, cfg, info)
@@ -153,6 +158,23 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
         _plot(run)
     dist.barrier()
     return TrainResult(state, run, stop_reason)
+
+
+def recompute_blocks(model: nn.Module) -> None:
+    """Activation checkpointing from outside the model: each block's forward, while training with
+    gradients, runs under torch.utils.checkpoint (non-reentrant, so DDP and frozen inputs work; RNG
+    state kept, so dropout recomputes the same mask). Inference and evaluation are untouched."""
+    for block in model.model.layers:
+        if getattr(block, "recomputed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, inner=inner, block=block):
+            if block.training and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False)
+            return inner(*args)
+
+        block.forward, block.recomputed = forward, True
 
 
 # -- one optimizer step --------------------------------------------------------------------------
