@@ -90,10 +90,22 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        lora_x = x.to(self.lora_A.weight.dtype)
-        if not self.dora:
-            return result + (self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling).to(result.dtype)
-        return result + self._dora_term(lora_x, result).to(result.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:  # under autocast each product picks its own dtype: a cast here would be a wasted copy
+            x = x.to(self.lora_A.weight.dtype)
+        if self.dora:
+            return result + self._dora_term(x, result).to(result.dtype)
+        down = self.lora_A(self.lora_dropout(x))  # (..., r)
+        if autocast or down.dtype == result.dtype:
+            return self._add_up_projection(result, down)
+        return result + (self.lora_B(down) * self.scaling).to(result.dtype)  # e.g. a bf16 base, fp32 adapter
+
+    def _add_up_projection(self, result: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """result + s·down·Bᵀ as one addmm: the scale and the sum ride in the GEMM instead of two
+        passes over an (N, out) temporary per adapted layer, which is most of LoRA's cost at r = 16."""
+        flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r),
+                           self.lora_B.weight.t(), alpha=self.scaling)
+        return flat.view(result.shape)
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """PEFT's DoRA: with no dropout the base output is reused; with dropout it is recomputed
