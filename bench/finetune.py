@@ -14,10 +14,11 @@ Per task (the built-in splits of slmkit.data.tasks; settings were chosen on the 
   - one over-long run (no early stop until well past the best checkpoint) plotted: train vs
     validation loss, the gap, and the checkpoint that early stopping kept
 
-    python bench/finetune.py [--only s2d,sentiment,sst2,scitldr,speed,overfit] [--reuse]
+    python bench/finetune.py [--only s2d,sentiment,sst2,scitldr,speed,overfit] [--methods lora,...]
+                             [--reuse | --assemble]
 
-Each part writes runs/bench-finetune/parts/<part>.json (--reuse skips finished parts), then
-bench/results/finetune.json is assembled and a table printed.
+Each part writes runs/bench-finetune/parts/<part>.json (--reuse skips finished parts; --assemble
+measures nothing), then bench/results/finetune.json is assembled from the parts and a table printed.
 """
 
 from __future__ import annotations
@@ -244,15 +245,14 @@ def speed_vs_peft(rounds: int = 5, steps: int = 4, precision: str = "fp32") -> d
 # -- orchestration -----------------------------------------------------------------------------------
 
 
-ASSEMBLE_ONLY = False  # --assemble: build the results from the parts already measured, run nothing
-
-
-def part(name: str, reuse: bool, make) -> dict | None:
+def part(name: str, mode: str, make) -> dict | None:
+    """One measured part. mode: run (always measure), reuse (measure unless already measured) or
+    assemble (never measure: the part if already measured, else None)."""
     path = PARTS / f"{name}.json"
-    if (reuse or ASSEMBLE_ONLY) and path.is_file():
+    if mode != "run" and path.is_file():
         print(f"{name}: reusing {path}")
         return json.loads(path.read_text())
-    if ASSEMBLE_ONLY:
+    if mode == "assemble":
         print(f"{name}: not measured (no {path})")
         return None
     print(f"{name}: running", flush=True)
@@ -264,32 +264,36 @@ def part(name: str, reuse: bool, make) -> dict | None:
     return value
 
 
-def task_parts(task: str, methods: tuple[str, ...], reuse: bool) -> dict:
+def measured(parts: dict) -> dict:
+    """Leave out the parts that are not measured (never fill them in)."""
+    return {k: v for k, v in parts.items() if v is not None}
+
+
+def task_parts(task: str, methods: tuple[str, ...], mode: str, wanted: set[str]) -> dict:
+    """Baselines and each method's run; a method outside `wanted` is never run, only assembled."""
     out = {"baselines": {}, "methods": {}}
     short = SHORT[task]
     if task in CLASSIFICATION:
-        out["baselines"]["tfidf_lr"] = part(f"{short}-tfidf", reuse, lambda: tfidf_baseline(task))
+        out["baselines"]["tfidf_lr"] = part(f"{short}-tfidf", mode, lambda: tfidf_baseline(task))
         for shots in (0, 5):
-            out["baselines"][f"base_{shots}shot"] = part(f"{short}-base-{shots}shot", reuse,
+            out["baselines"][f"base_{shots}shot"] = part(f"{short}-base-{shots}shot", mode,
                                                          lambda s=shots: run_child("score", BASE, task, str(s)))
     else:
-        out["baselines"]["lead_sentence"] = part(f"{short}-lead", reuse, lambda: lead_baseline(task))
-        out["baselines"]["base_0shot"] = part(f"{short}-base-0shot", reuse, lambda: run_child("score", BASE, task, "0"))
+        out["baselines"]["lead_sentence"] = part(f"{short}-lead", mode, lambda: lead_baseline(task))
+        out["baselines"]["base_0shot"] = part(f"{short}-base-0shot", mode, lambda: run_child("score", BASE, task, "0"))
     for method in methods:
         config = ROOT / "configs" / "finetune" / f"{task}-{method}.yaml"
-        out["methods"][method] = part(f"{short}-{method}", reuse, lambda c=config, m=method: run_child(
-            "finetune", str(c), str(RUNS / f"{short}-{m}"), task))
-    for group in out.values():  # parts --assemble found unmeasured are left out, not filled in
-        for key in [k for k, v in group.items() if v is None]:
-            del group[key]
-    return out
+        out["methods"][method] = part(f"{short}-{method}", mode if method in wanted else "assemble",
+                                      lambda c=config, m=method: run_child(
+                                          "finetune", str(c), str(RUNS / f"{short}-{m}"), task))
+    return {group: measured(parts) for group, parts in out.items()}
 
 
-def overfit_part(reuse: bool) -> dict:
+def overfit_part(mode: str) -> dict | None:
     """S2D LoRA on 200 rows at a constant high learning rate, patience long enough to show the rise."""
     config = ROOT / "configs" / "finetune" / "symptom2disease-lora.yaml"
     out = RUNS / "s2d-overlong"
-    result = part("overfit", reuse, lambda: run_child(
+    result = part("overfit", mode, lambda: run_child(
         "finetune", str(config), str(out), "symptom2disease", "epochs=15", "data.max_train_rows=200",
         "train.schedule=constant", "train.lr=2e-3", "train.eval_every=10", "train.early_stopping_patience=12"))
     if result is None:
@@ -307,40 +311,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="s2d,sentiment,sst2,scitldr,speed,overfit")
     parser.add_argument("--reuse", action="store_true", help="reuse parts already measured (runs/bench-finetune/parts)")
-    parser.add_argument("--methods", default="full,lora,dora,qlora", help="fine-tuning methods to run (default: all)")
+    parser.add_argument("--methods", default="full,lora,dora,qlora",
+                        help="fine-tuning methods to run (default: all); the others' measured parts are kept")
     parser.add_argument("--assemble", action="store_true",
                         help="run nothing: assemble bench/results/finetune.json from the measured parts")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        value = child_finetune(rest[0], rest[1], rest[2], rest[3:]) if kind == "finetune" else score(
-            rest[0], rest[1], int(rest[2]))
-        print(json.dumps(value))
+        print(json.dumps(run_as_child(*args.child)))
         return
     only, wanted = set(args.only.split(",")), set(args.methods.split(","))
-    global ASSEMBLE_ONLY
-    ASSEMBLE_ONLY = args.assemble
-    doc = json.loads(OUT.read_text()) if OUT.is_file() and args.reuse else {}
+    mode = "assemble" if args.assemble else "reuse" if args.reuse else "run"
+    doc = json.loads(OUT.read_text()) if OUT.is_file() and mode != "run" else {}
     doc.update({"benchmark": "finetune", "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized to fp32)",
                 "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d %H:%M")})
     doc.setdefault("tasks", {})
     for task, methods in {**CLASSIFICATION, **GENERATION}.items():
         if SHORT[task] in only:
-            doc["tasks"][task] = task_parts(task, tuple(m for m in methods if m in wanted), args.reuse)
+            doc["tasks"][task] = task_parts(task, methods, mode, wanted)
     if "speed" in only:
-        speeds = [part(f"speed-{p}", args.reuse, lambda p=p: run_child_speed(p)) for p in ("fp32", "bf16")]
-        doc["lora_speed_vs_peft"] = [s for s in speeds if s is not None]
-    if "overfit" in only and (result := overfit_part(args.reuse)) is not None:
+        speeds = {p: part(f"speed-{p}", mode, lambda p=p: run_child("speed", p)) for p in ("fp32", "bf16")}
+        doc["lora_speed_vs_peft"] = list(measured(speeds).values())
+    if "overfit" in only and (result := overfit_part(mode)) is not None:
         doc["overfit"] = result
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
     print_tables(doc)
     print(f"wrote {OUT}")
-
-
-def run_child_speed(precision: str) -> dict:
-    return run_child("speed", precision)
 
 
 def print_tables(doc: dict) -> None:
@@ -364,8 +361,15 @@ def print_tables(doc: dict) -> None:
               f"stopped at {o['steps']} ({o['stop']}); plot {OUT.with_name('finetune-overfit.png')}")
 
 
+def run_as_child(kind: str, *rest: str) -> dict:
+    """One measured run in this (fresh) process: finetune CONFIG OUT TASK [OVERRIDES], score MODEL TASK SHOTS,
+    or speed PRECISION."""
+    if kind == "finetune":
+        return child_finetune(rest[0], rest[1], rest[2], list(rest[3:]))
+    if kind == "score":
+        return score(rest[0], rest[1], int(rest[2]))
+    return speed_vs_peft(precision=rest[0])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1:3] == ["--child", "speed"]:
-        print(json.dumps(speed_vs_peft(precision=sys.argv[3])))
-    else:
-        main()
+    main()
