@@ -34,12 +34,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from slmkit.compress.quant.quantize import CALIBRATED, QuantConfig, quantize_model  # noqa: E402
+from slmkit.data.calibration import calibration_ids  # noqa: E402
 from slmkit.data.shared import shared_data_dir  # noqa: E402
 from slmkit.infer.engine import Engine  # noqa: E402
 from slmkit.infer.sampling import SamplingParams  # noqa: E402
-from slmkit.interop.hf import save_hf  # noqa: E402
+from slmkit.interop.hf import save_checkpoint, save_hf  # noqa: E402
 from slmkit.load import load  # noqa: E402
-from slmkit.quant.api import QuantConfig, quantize_model, save_quantized  # noqa: E402
 
 WINDOW = 512
 VARIANTS = {  # name -> QuantConfig settings (None: a float checkpoint)
@@ -84,8 +85,11 @@ def make_variant(name: str, settings: dict | None, out: Path, reference, tokeniz
         return out, 0.0, "float checkpoint"
     model = copy.deepcopy(reference)  # quantization works in place; the reference stays for KL
     started = time.perf_counter()
-    report = quantize_model(model, QuantConfig(**settings), tokenizer)
-    save_quantized(model, tokenizer, out)
+    cfg = QuantConfig(**settings)
+    ids = (calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+           if cfg.method in CALIBRATED else None)
+    report = quantize_model(model, cfg, ids)
+    save_checkpoint(model, tokenizer, out)
     return out, time.perf_counter() - started, report.summary()
 
 

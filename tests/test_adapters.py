@@ -8,18 +8,18 @@ import json
 import warnings
 
 import pytest
-from conftest import LLAMA_CPP_MISSING
 import torch
+from conftest import LLAMA_CPP_MISSING
 
 from slmkit.adapters.lora import LoraConfig, LoRALinear, add_lora, lora_layers
 from slmkit.adapters.merge import merge_adapters, with_adapter_copy
 from slmkit.adapters.peft_format import save_adapter
+from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
+from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_hf
 from slmkit.load import load, random_model
-from slmkit.quant.api import QuantConfig, quantize_model
-from slmkit.quant.qlinear import Int4Linear, Int8Linear
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

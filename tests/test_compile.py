@@ -35,8 +35,8 @@ def test_compiled_int4_decode_matches_eager(tiny_model):
     and padded int4 inputs take the plain pad inside the graph; the tokens stay the same."""
     import copy
 
-    from slmkit.quant.api import QuantConfig, quantize_model
-    from slmkit.quant.qlinear import Int4Linear
+    from slmkit.compress.quant.qlinear import Int4Linear
+    from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 
     model = copy.deepcopy(tiny_model)
     quantize_model(model, QuantConfig(method="int4", group_size=32), progress=False)

@@ -298,6 +298,9 @@ def test_distill_recipes_load_and_the_bench_student_has_20_to_30m_parameters():
     assert len(recipes) >= 2
     for recipe in recipes:
         cfg = load_config(DistillConfig, recipe)
+        if recipe.name.startswith("heal-"):  # healing continues a pruned model's weights: no fresh shape
+            assert cfg.student and cfg.kd.alpha > 0, recipe.name
+            continue
         with torch.device("meta"):
             student = CausalLM(cfg.model.replace(vocab_size=49152))
         params = sum(p.numel() for p in student.parameters())

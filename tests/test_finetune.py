@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from slmkit.adapters.lora import lora_layers
+from slmkit.compress.quant.qlinear import Int4Linear
 from slmkit.config import ModelConfig
 from slmkit.interop.hf import save_hf
 from slmkit.load import load, random_model
-from slmkit.quant.qlinear import Int4Linear
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TINY = ModelConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

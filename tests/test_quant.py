@@ -5,18 +5,25 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import LLAMA_CPP_MISSING
 import torch
+from conftest import LLAMA_CPP_MISSING
 from torch import nn
 
+from slmkit.compress.calibrate import LinearStats
+from slmkit.compress.quant.awq import apply_scales, search_clip, search_scales
+from slmkit.compress.quant.gptq import gptq_int4
+from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear, kernel_layout
+from slmkit.compress.quant.quantize import QuantConfig, quantize_model
+from slmkit.compress.quant.rtn import fake_int4, quantize_int4, quantize_int8
+from slmkit.data.calibration import calibration_ids
 from slmkit.errors import SlmError
-from slmkit.quant.api import QuantConfig, quantize_model, save_quantized
-from slmkit.quant.awq import apply_scales, search_clip, search_scales
-from slmkit.quant.gptq import HessianTap, gptq_int4
-from slmkit.quant.qlinear import Int4Linear, Int8Linear, kernel_layout
-from slmkit.quant.rtn import fake_int4, quantize_int4, quantize_int8
+from slmkit.interop.hf import save_checkpoint
 
 Q = gguf.GGMLQuantizationType
+
+
+def _calib(tokenizer, cfg: QuantConfig, model) -> torch.Tensor:
+    return calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
 
 
 def _tiny(seed: int = 0, **changes):
@@ -73,9 +80,9 @@ def test_kernel_layout_is_a_permutation():
 
 
 def test_siblings_share_one_int4_kernel_call_and_give_the_same_logits(tmp_path):
+    from slmkit.compress.quant.fused import fuse_shared_inputs
     from slmkit.infer.engine import Engine
     from slmkit.infer.sampling import SamplingParams
-    from slmkit.quant.fused import fuse_shared_inputs
 
     model = _tiny()
     quantize_model(model, QuantConfig(method="int4", group_size=32), progress=False)
@@ -97,7 +104,7 @@ def test_siblings_share_one_int4_kernel_call_and_give_the_same_logits(tmp_path):
     assert torch.equal(model(ids), fused_logits)
     assert Engine(model).generate([prompt], SamplingParams(max_new_tokens=8))[0].tokens == fused_tokens
     assert fuse_shared_inputs(model) == 4  # 2 blocks x (q/k/v, gate/up)
-    save_quantized(model, None, tmp_path / "q")  # checkpoint tensors are read back from the shared packing
+    save_checkpoint(model, None, tmp_path / "q")  # checkpoint tensors are read back from the shared packing
     from slmkit.load import load
 
     assert torch.equal(load(str(tmp_path / "q")).model(ids), fused_logits)
@@ -105,7 +112,7 @@ def test_siblings_share_one_int4_kernel_call_and_give_the_same_logits(tmp_path):
 
 @pytest.mark.parametrize("heights", [(64, 128, 128), (48, 16, 16)])  # stacked packings / repacked codes
 def test_a_shared_kernel_gives_each_sibling_its_own_output(heights):
-    from slmkit.quant.fused import SharedInputKernel
+    from slmkit.compress.quant.fused import SharedInputKernel
 
     g = torch.Generator().manual_seed(0)
     siblings = [Int4Linear.from_codes(torch.randint(0, 16, (n, 96), generator=g), torch.rand(n, 3, generator=g),
@@ -130,9 +137,9 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
     w = torch.randn(64, 128) * 0.05
     x = _correlated_inputs(2048, 128)
     linear = nn.Linear(128, 64, bias=False)
-    tap = HessianTap(linear, 128)
+    tap = LinearStats(linear)
     linear(x)
-    h = tap.close()
+    h = tap.close().hessian
     torch.testing.assert_close(h, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
     rtn = _output_error(x, w, fake_int4(w, 32))
     for act_order in (False, True):
@@ -170,7 +177,7 @@ def test_quantized_checkpoint_reloads_to_the_same_logits(tmp_path, method, group
     logits = model(ids)
     assert len(report.quantized) == 15 and "lm_head" in report.quantized
     assert (logits - reference).abs().max() < 0.3 * reference.abs().max()
-    save_quantized(model, None, tmp_path / "q")
+    save_checkpoint(model, None, tmp_path / "q")
     again = load(str(tmp_path / "q")).model
     assert type(again.lm_head) is type(model.lm_head) and again.config.quantization["method"] == method
     assert torch.equal(again(ids), logits)
@@ -209,7 +216,7 @@ def test_calibrated_methods_quantize_a_model(tmp_path, tiny_tokenizer):
     for method in ("int4", "gptq", "awq"):
         model = _tiny(vocab_size=tiny_tokenizer.vocab_size)
         cfg = QuantConfig(method=method, group_size=32, calib=str(text), calib_samples=4, calib_seq_len=64)
-        quantize_model(model, cfg, tiny_tokenizer, progress=False)
+        quantize_model(model, cfg, _calib(tiny_tokenizer, cfg, model), progress=False)
         assert all(isinstance(model.get_submodule(n), Int4Linear) for n in ("lm_head", "model.layers.1.mlp.down_proj"))
         errors[method] = (model(ids) - reference).pow(2).mean().item()
     assert errors["gptq"] < errors["int4"] and errors["awq"] < errors["int4"], errors
@@ -232,19 +239,21 @@ def test_bad_quantization_settings_are_refused_before_any_work(tmp_path, tiny_to
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(SlmError, match="empty"):
-        quantize_model(_tiny(vocab_size=tiny_tokenizer.vocab_size), QuantConfig(method="gptq", group_size=32,
-                       calib=str(empty), calib_seq_len=64), tiny_tokenizer, progress=False)
+        calibration_ids(tiny_tokenizer, str(empty), 2, 64, tiny_tokenizer.vocab_size)
     text = tmp_path / "calib.txt"
     text.write_text("a robot counts " * 300)
     with pytest.raises(SlmError, match="tokenizer is not the model's"):
-        quantize_model(_tiny(vocab_size=64), QuantConfig(method="awq", group_size=32, calib=str(text),
-                                                         calib_seq_len=64), tiny_tokenizer, progress=False)
+        calibration_ids(tiny_tokenizer, str(text), 2, 64, 64)
+    ids = calibration_ids(tiny_tokenizer, str(text), 2, 64, tiny_tokenizer.vocab_size)
+    with pytest.raises(SlmError, match="another tokenizer"):  # ids handed over directly are checked too
+        quantize_model(_tiny(vocab_size=64), QuantConfig(method="awq", group_size=32), ids, progress=False)
     with pytest.raises(SlmError, match="exceed the model's context of 256"):
-        quantize_model(_tiny(), QuantConfig(method="gptq", group_size=32, calib=str(text)), tiny_tokenizer,
+        quantize_model(_tiny(), QuantConfig(method="gptq", group_size=32), ids.reshape(1, 128).repeat(1, 3),
                        progress=False)
     with pytest.raises(SlmError, match="experts"):
-        quantize_model(_tiny(num_local_experts=2), QuantConfig(method="gptq", group_size=32), tiny_tokenizer,
-                       progress=False)
+        quantize_model(_tiny(num_local_experts=2), QuantConfig(method="gptq", group_size=32), ids, progress=False)
+    with pytest.raises(SlmError, match="needs calibration token ids"):
+        quantize_model(_tiny(), QuantConfig(method="gptq", group_size=32), None, progress=False)
 
 
 def test_an_interrupted_save_leaves_no_checkpoint_under_the_target_name(tmp_path, monkeypatch):
@@ -258,7 +267,7 @@ def test_an_interrupted_save_leaves_no_checkpoint_under_the_target_name(tmp_path
 
     monkeypatch.setattr(hf, "write_json", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(model, None, tmp_path / "out")
+        save_checkpoint(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -427,7 +436,6 @@ def test_cli_quantize_generate_and_export(tmp_path, tiny_tokenizer):
 
 
 def test_prepared_calibration_data_must_share_the_models_tokenizer(story_data, tiny_tokenizer):
-    from slmkit.quant.calib import calibration_ids
     from slmkit.tokenizer import Tokenizer
 
     with pytest.raises(SlmError, match="different tokenizer"):

@@ -15,8 +15,9 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from slmkit.serve.backend import LocalBackend  # noqa: E402
 from serving import served  # noqa: E402
+
+from slmkit.serve.backend import LocalBackend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_scheduler_rows_joining_midway_match_the_engine(tiny_model, weights):
     from slmkit.serve.scheduler import Job, Scheduler
 
     if weights == "int4":
-        from slmkit.quant.api import QuantConfig, quantize_model
+        from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 
         tiny_model = copy.deepcopy(tiny_model)
         quantize_model(tiny_model, QuantConfig(method="int4", group_size=32), progress=False)

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
+    _add_prune(sub)
+    _add_lowrank(sub)
+
     p = sub.add_parser("eval", help="benchmark tasks (lm-evaluation-harness formats) or a text's perplexity",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EPILOG)
     _add_model(p, optional=True)
@@ -218,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="OUT.gguf")
     p.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m"), default="q8_0",
                    help="tensor type: q8_0 is near-lossless, q4_k_m is llama.cpp's popular 4-bit mix")
+    p.add_argument("--densify", action="store_true",
+                   help="a factorized model (`slm lowrank`): multiply its factors back into full matrices first "
+                        "(llama.cpp has no factorized linears; same outputs, the original size)")
 
     p = export_sub.add_parser("gguf-lora", help="a LoRA adapter as a llama.cpp adapter file (--lora in llama.cpp)",
                               description="Write an adapter directory (PEFT format) as a llama.cpp LoRA GGUF. Run it "
@@ -302,6 +308,106 @@ QUANTIZE_EPILOG = """examples:
   slm generate runs/smollm2-gptq "Once upon a time"
   slm export gguf runs/smollm2-int8 smollm2-q8.gguf --type q8_0
 """
+
+
+PRUNE_EPILOG = """\
+Unstructured / N:M (zeros in place; same shape, same speed):
+  magnitude   drop the smallest |W| in each row (the floor)
+  wanda       drop the smallest |W| x ||X_j|| in each row (calibration activations, no update)
+  sparsegpt   OBS saliency, and the remaining weights of each row updated to absorb the error
+  Unstructured and 2:4 sparsity give NO CPU speed-up with PyTorch's dense kernels: use them for
+  quality research or as a start for further compression. Speed comes from --structured.
+  Fine-tuning and distillation of a pruned checkpoint keep its zeros at zero.
+
+Structured (a smaller dense model of the same architecture; faster):
+  --params 90M, or any of --ffn --heads --kv-heads --hidden --layers; importance from calibration
+  activations (Minitron: MLP neurons, heads within GQA groups, hidden channels; layers by block
+  influence, ShortGPT). Heal it with `slm distill` from the original: configs/distill/heal-*.yaml.
+
+examples:
+  slm prune smollm2-135m-instruct --method wanda --sparsity 0.5 -o runs/smollm2-wanda50
+  slm prune smollm2-135m-instruct --method sparsegpt --pattern 2:4 -o runs/smollm2-sgpt24
+  slm prune smollm2-135m-instruct --structured --params 95M -o runs/smollm2-95m
+  slm distill --config configs/distill/heal-width.yaml
+"""
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="remove weights: magnitude / Wanda / SparseGPT (sparse or N:M), or structured "
+                       "width and depth pruning", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=PRUNE_EPILOG)
+    _add_model(p)
+    p.add_argument("-o", "--out", required=True, help="output directory (an HF-style checkpoint)")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda",
+                   help="unstructured pruning method (default wanda)")
+    p.add_argument("--sparsity", type=float, help="share of each row's weights to remove, in (0, 1)")
+    p.add_argument("--pattern", help="N:M semi-structured sparsity: at most N non-zeros in every M (e.g. 2:4)")
+    p.add_argument("--structured", action="store_true", help="remove whole neurons, heads, channels or layers")
+    p.add_argument("--params", help="structured: target parameter count, e.g. 95M (the shape is chosen for you)")
+    p.add_argument("--ffn", type=int, help="structured: MLP width to keep")
+    p.add_argument("--heads", type=int, help="structured: query heads to keep (evenly within the KV groups)")
+    p.add_argument("--kv-heads", type=int, help="structured: key/value heads (whole GQA groups) to keep")
+    p.add_argument("--hidden", type=int, help="structured: hidden channels to keep")
+    p.add_argument("--layers", type=int, help="structured: layers to keep")
+    p.add_argument("--layer-metric", choices=("block_influence", "angular"), default="block_influence",
+                   help="structured: which layers go (ShortGPT block influence, or the angular-distance run)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="structured: let each layer keep its own widths (HF/GGUF export then refuse)")
+    p.add_argument("--calib", help="calibration text file or `slm prepare` directory (default: the start of the "
+                                   "shared WikiText-2 valid text; evaluation reads its end)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 64; structured 32)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+LOWRANK_EPILOG = """\
+Each chosen linear W (N outputs, K inputs: N*K weights) becomes two thinner ones, up (N x r) @
+down (r x K): r*(N+K) weights. They are smaller only below the break-even rank N*K/(N+K)
+(576x576: 288; 1536x576: 419), so --keep is the share of each linear's parameters the pair keeps:
+rank = floor(keep * N*K/(N+K)), and keep must be in (0, 1).
+
+  svd        plain truncated SVD of W: no data needed
+  whitened   SVD-LLM: the SVD of W S, where S S^T = X^T X of calibration inputs X, so the dropped
+             singular values are exactly the output error; needs calibration text (--calib)
+  --ranks sensitivity   the same parameter total, spread by measured output error per linear
+                        (needs calibration text for either method; two calibration passes)
+
+At --keep 0.8 SmolLM2-135M's WikiText-2 perplexity goes from 36 to ~134 with whitened and is
+destroyed by plain svd: small models have little low-rank slack; heal by distillation (`slm distill`).
+
+The checkpoint loads in slmkit (generate, chat, eval, serve, bench). transformers cannot load it
+(its config says llama, its weights are factor pairs), and GGUF export needs --densify, which
+multiplies the factors back (the original size again).
+
+examples:
+  slm lowrank smollm2-135m-instruct --method whitened --keep 0.8 -o runs/smollm2-svdllm80
+  slm lowrank smollm2-135m-instruct --keep 0.9 --ranks sensitivity -o runs/smollm2-svdllm90s
+  slm eval runs/smollm2-svdllm80 --perplexity ../shared/data/corpus/wikitext2/valid.txt
+  slm export gguf runs/smollm2-svdllm80 smollm2-svdllm80.gguf --densify
+"""
+
+
+def _add_lowrank(sub) -> None:
+    p = sub.add_parser("lowrank", help="low-rank factorization of the linears: plain or whitened SVD (SVD-LLM)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LOWRANK_EPILOG)
+    _add_model(p)
+    p.add_argument("-o", "--out", required=True, help="output directory (a factorized HF-style checkpoint)")
+    p.add_argument("--method", default="whitened", metavar="{svd,whitened}",
+                   help="svd: plain truncated SVD; whitened: SVD-LLM, calibrated (default)")
+    p.add_argument("--keep", type=float, default=0.8,
+                   help="share of each linear's parameters kept, in (0, 1) (default 0.8)")
+    p.add_argument("--ranks", default="uniform", metavar="{uniform,sensitivity}",
+                   help="uniform: every linear keeps --keep (default); sensitivity: same total, per-layer ranks "
+                        "from measured output error")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated linears to factorize (add lm_head for the output head; never the embedding)")
+    p.add_argument("--calib", help="calibration text file or `slm prepare` directory (whitened or sensitivity; "
+                                   "default: the start of the shared WikiText-2 valid text)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="whitened: ridge (share of X^T X's mean diagonal) used when X^T X is not positive definite")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
 def _add_config_verb(sub, verb: str, help: str, cls_name: str, module: str, example: str,
@@ -452,8 +558,9 @@ def cmd_convert(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
-
-    from slmkit.quant.api import QuantConfig, quantize_model, save_quantized
+    from slmkit.compress.quant.quantize import CALIBRATED, QuantConfig, quantize_model
+    from slmkit.data.calibration import calibration_ids
+    from slmkit.interop.hf import save_checkpoint
 
     _setup_threads(args)
     cfg = QuantConfig(method=args.method, group_size=args.group_size, pad_groups=args.pad_groups,
@@ -461,8 +568,75 @@ def cmd_quantize(args) -> int:
                       calib_seq_len=args.calib_seq_len, act_order=args.act_order, skip=args.skip)
     loaded = _load_whole(args.model)
     started = time.perf_counter()
-    report = quantize_model(loaded.model, cfg, loaded.tokenizer)  # checks every setting before any work
-    out = save_quantized(loaded.model, loaded.tokenizer, args.out)
+    ids = None
+    if cfg.method in CALIBRATED:
+        ids = calibration_ids(loaded.tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len,
+                              loaded.model.config.vocab_size)
+    report = quantize_model(loaded.model, cfg, ids)  # checks every setting before any work
+    out = save_checkpoint(loaded.model, loaded.tokenizer, args.out)
+    print(report.summary())
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    import time
+
+    from slmkit.compress.prune import PruneConfig, check_prune, prune_model
+    from slmkit.data.calibration import calibration_ids
+    from slmkit.interop.hf import save_checkpoint
+
+    _setup_threads(args)
+    loaded = _load_whole(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    started = time.perf_counter()
+    if args.structured:
+        from slmkit.compress.structured import StructuredConfig, check_structured, prune_structured
+
+        cfg = StructuredConfig(params=args.params, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads,
+                               hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
+                               per_layer=args.per_layer, calib=args.calib, calib_samples=args.calib_samples or 32,
+                               calib_seq_len=args.calib_seq_len)
+        check_structured(model, cfg)  # every setting checked before calibration is read
+        ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+        model, report = prune_structured(model, cfg, ids)
+    else:
+        cfg = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=args.calib,
+                          calib_samples=args.calib_samples or 64, calib_seq_len=args.calib_seq_len)
+        check_prune(model, cfg)
+        ids = (calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+               if cfg.calibrated else None)
+        report = prune_model(model, cfg, ids)
+    out = save_checkpoint(model, tokenizer, args.out)
+    print(report.summary())
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_lowrank(args) -> int:
+    import time
+
+    from slmkit.compress.lowrank import LowRankConfig, check_lowrank, factorize_model
+    from slmkit.data.calibration import calibration_ids
+    from slmkit.errors import SlmError
+    from slmkit.interop.hf import save_checkpoint
+
+    _setup_threads(args)
+    cfg = LowRankConfig(method=args.method, keep=args.keep, ranks=args.ranks, calib=args.calib,
+                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                        targets=[t.strip() for t in args.targets.split(",") if t.strip()], damp=args.damp)
+    loaded = _load_whole(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_lowrank(model, cfg)  # every setting checked before calibration text is read
+    started = time.perf_counter()
+    ids = None
+    if cfg.calibrated:
+        if tokenizer is None:
+            raise SlmError(f"'{args.model}' has no tokenizer to read calibration text with; use --method svd "
+                           "--ranks uniform, or a model directory with tokenizer.json")
+        ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+    report = factorize_model(model, cfg, ids)
+    out = save_checkpoint(model, tokenizer, args.out)  # PATH.partial, renamed when complete
     print(report.summary())
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
     return 0
@@ -476,7 +650,13 @@ def cmd_eval(args) -> int:
     from rich.console import Console
 
     from slmkit.errors import SlmError
-    from slmkit.evals.api import evaluate, model_info, parse_shots, results_table, save_results
+    from slmkit.evals.api import (
+        evaluate,
+        model_info,
+        parse_shots,
+        results_table,
+        save_results,
+    )
     from slmkit.evals.tasks import DEFAULT_SUITE, TASKS
     from slmkit.load import load
 
@@ -535,7 +715,13 @@ def cmd_bench(args) -> int:
 
     from slmkit.errors import SlmError
     from slmkit.evals.api import save_results
-    from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, bench_table, measure, sweep_plot
+    from slmkit.evals.device import (
+        SWEEP_PRESETS,
+        BenchSettings,
+        bench_table,
+        measure,
+        sweep_plot,
+    )
 
     try:
         batches = tuple(int(b) for b in args.batch.split(",") if b.strip())
@@ -643,6 +829,10 @@ def cmd_export(args) -> int:
     loaded = _load_whole(args.model)
     if loaded.tokenizer is None:
         raise SlmError(f"'{args.model}' has no tokenizer; a GGUF file needs one")
+    if args.densify and loaded.model.config.lowrank:
+        from slmkit.compress.lowrank import densify
+
+        print(f"densified {densify(loaded.model)} factorized linears")
     out = write_gguf(loaded.model, loaded.tokenizer, args.out, args.type)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
     return 0
@@ -675,9 +865,9 @@ def cmd_merge(args) -> int:
     loaded = load(args.adapter, dtype=torch.float32, base=args.base)
     report = merge_adapters(loaded.model)
     if loaded.model.config.quantization:
-        from slmkit.quant.api import save_quantized
+        from slmkit.interop.hf import save_checkpoint
 
-        out = save_quantized(loaded.model, loaded.tokenizer, args.out)
+        out = save_checkpoint(loaded.model, loaded.tokenizer, args.out)
     else:
         from slmkit.fileio import partial_dir, replace_dir
         from slmkit.interop.hf import save_hf
@@ -783,8 +973,8 @@ def cmd_demo(args) -> int:
 
 
 VERBS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "size": cmd_size,
-         "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "export": cmd_export,
-         "merge": cmd_merge,
+         "presets": cmd_presets, "convert": cmd_convert, "quantize": cmd_quantize, "prune": cmd_prune, "export": cmd_export,
+         "merge": cmd_merge, "lowrank": cmd_lowrank,
          "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "serve": cmd_serve,
          "route-eval": cmd_route_eval,
          "prepare": cmd_prepare, "tokenizer": cmd_tokenizer,

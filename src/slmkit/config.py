@@ -211,6 +211,8 @@ class ModelConfig:
     model_type: str = "llama"
     name: str = ""
     quantization: dict | None = None  # set on quantized checkpoints: {"method", "bits", "group_size", ...}
+    pruning: dict | None = None  # set on pruned checkpoints: {"method", "sparsity", "pattern", ...}
+    lowrank: dict | None = None  # set on factorized checkpoints: {"method", "ranks": {linear name: rank}, ...}
 
     def __post_init__(self) -> None:
         if self.num_hidden_layers % self.block_repeats:

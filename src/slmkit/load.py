@@ -23,6 +23,7 @@ from slmkit.adapters.merge import merge_adapters
 from slmkit.adapters.peft_format import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.layers import swap_in_lowrank
 from slmkit.model import CausalLM
 from slmkit.presets import BUNDLED, DEFAULT_MODEL, get_preset
 from slmkit.tokenizer import Tokenizer
@@ -172,7 +173,9 @@ def _gguf_source(path: Path, reader) -> Source:
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> CausalLM:
-    model = CausalLM(config)
+    """Fresh weights; the model gets its own copy of `config` (compression records itself there,
+    and must not write into a shared preset)."""
+    model = CausalLM(config.replace())
     model.init_weights(torch.Generator().manual_seed(seed))
     return model.to(dtype).eval()
 
@@ -182,8 +185,10 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
     with torch.device("meta"):
         model = CausalLM(config)
     state = dict(tensors)
+    if config.lowrank:  # factorized linears: down/up weights of the recorded ranks instead of one weight
+        swap_in_lowrank(model, config.lowrank.get("ranks") or {})
     if config.quantization:  # linears stored as codes become quantized modules before the weights land
-        from slmkit.quant.api import swap_in_empty
+        from slmkit.compress.quant.quantize import swap_in_empty
 
         swap_in_empty(model, config.quantization, {k.rpartition(".")[0] for k in state if k.endswith(".qweight")})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -192,7 +197,7 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
     if missing or unexpected:
         raise SlmError(f"weights do not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.quantization:
-        from slmkit.quant.fused import fuse_shared_inputs
+        from slmkit.compress.quant.fused import fuse_shared_inputs
 
         fuse_shared_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.tie_weights()

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkit.compress.quant.qlinear import QuantLinear
 from slmkit.errors import SlmError
 from slmkit.layers import swap_linears
-from slmkit.quant.qlinear import QuantLinear
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output head
 LINEAR_KINDS = (nn.Linear, QuantLinear)

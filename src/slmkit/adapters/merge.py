@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from slmkit.adapters.lora import LoRALinear
+from slmkit.compress.quant.fused import fuse_shared_inputs
+from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear, QuantLinear
+from slmkit.compress.quant.rtn import quantize_int4, quantize_int8
 from slmkit.layers import swap_linears
-from slmkit.quant.fused import fuse_shared_inputs
-from slmkit.quant.qlinear import Int4Linear, Int8Linear, QuantLinear
-from slmkit.quant.rtn import quantize_int4, quantize_int8
 
 
 @dataclass

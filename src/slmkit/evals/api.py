@@ -9,9 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.fileio import write_json
 from slmkit.evals.runner import DEFAULT_SEED, run_task
 from slmkit.evals.tasks import make_task
+from slmkit.fileio import write_json
 
 
 def default_data_dir() -> Path:
@@ -85,7 +85,7 @@ def model_info(loaded) -> dict:
     """What a report needs to place a variant: parameters, file size and bits per linear weight."""
     model = loaded.model
     section = getattr(model.config, "quantization", None) or {}
-    from slmkit.quant.qlinear import quantized_modules
+    from slmkit.compress.quant.qlinear import quantized_modules
 
     params = sum(p.numel() for p in model.parameters()) + sum(  # quantized weights are buffers, not parameters
         m.in_features * m.out_features for _, m in quantized_modules(model))

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from slmkit.compress.quant.fused import unfuse_shared_inputs
 from slmkit.errors import SlmError
 from slmkit.infer.sampling import SamplingParams, make_generator, sample
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.model import CausalLM, KVCache
-from slmkit.quant.fused import unfuse_shared_inputs
 
 # on_token(row, token_id) -> True to stop that row (e.g. a stop string appeared in its text).
 TokenCallback = Callable[[int, int], bool | None]

@@ -6,7 +6,8 @@ renamed to HF names, with q/k rows permuted back from ggml's interleaved RoPE la
 
 Export: F32/F16 here (quantized types belong to `slmkit.compress`). The writer follows
 llama.cpp's convert_hf_to_gguf.py: tensors in PyTorch [out, in] order (GGUFWriter reverses the
-dims itself), 1-D tensors and norms in F32, tokenizer `gpt2` with an explicit `pre`.
+dims itself), 1-D tensors and norms in F32, tokenizer `gpt2` with an explicit `pre`. A factorized
+(low-rank) model is refused: densify it first (`slmkit.compress.lowrank.densify`, `--densify`).
 
 Memory: weights go tensor by tensor into a model built on the `meta` device, so loading needs
 about one fp32 copy of the weights plus one tensor of scratch.
@@ -217,6 +218,10 @@ def gguf_name(hf: str) -> str:
 
 
 def check_exportable(config: ModelConfig) -> None:
+    if config.lowrank:
+        raise SlmError("this model is factorized (low-rank down/up pairs), which llama.cpp's llama graph cannot run; "
+                       "export it with `slm export gguf MODEL OUT.gguf --densify` (multiplies the factors back "
+                       "into full matrices: same outputs, the original size)")
     if not config.is_uniform:
         raise SlmError("GGUF llama needs the same shape in every layer and no shared blocks; "
                        "this model uses layer-wise widths or block sharing")
@@ -309,7 +314,7 @@ def _export_tensors(model):
 
 def float_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with quantized linears given back as float `weight`s."""
-    from slmkit.quant.qlinear import quantized_modules
+    from slmkit.compress.quant.qlinear import quantized_modules
 
     state = dict(model.state_dict())
     for name, module in quantized_modules(model):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from slmkit.compress.quant.qlinear import quantized_modules
 from slmkit.config import ModelConfig, from_dict, to_dict
 from slmkit.errors import SlmError
-from slmkit.fileio import atomic_write, write_json
+from slmkit.fileio import atomic_write, partial_dir, replace_dir, write_json
 from slmkit.tokenizer import Tokenizer
 
 HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -26,6 +27,8 @@ HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 # Our quantized checkpoints' section. Not `quantization_config`: transformers would take that for
 # one of its own quantizers and fail to load the directory less clearly.
 QUANT_KEY = "slmkit_quantization"
+# ModelConfig field -> config.json key of each section slmkit adds (transformers ignores them).
+SECTIONS = {"quantization": QUANT_KEY, "pruning": "slmkit_pruning", "lowrank": "slmkit_lowrank"}
 # config.json keys that mean the same in ModelConfig.
 SHARED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -43,7 +46,7 @@ def config_from_hf(data: dict) -> ModelConfig:
     if kind == "slmkit":
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         values = {k: v for k, v in data.items() if k in fields}
-        values["quantization"] = data.get(QUANT_KEY)
+        values.update({name: data.get(key) for name, key in SECTIONS.items()})
         return from_dict(ModelConfig, values)
     if kind not in HF_TYPES:
         raise SlmError(f"model_type '{kind}' is not supported (supported: {', '.join(HF_TYPES)}, slmkit)")
@@ -62,14 +65,16 @@ def config_from_hf(data: dict) -> ModelConfig:
         values.setdefault("num_experts_per_tok", 2)
     values["model_type"] = kind
     values["name"] = data.get("_name_or_path", "")
-    values["quantization"] = data.get(QUANT_KEY)
+    values.update({name: data.get(key) for name, key in SECTIONS.items()})
     return from_dict(ModelConfig, values)
 
 
 def hf_model_type(c: ModelConfig) -> str:
     """The HF model_type that expresses `c` exactly, or 'slmkit' when none does."""
     out_bias = c.attention_bias if c.attention_out_bias is None else c.attention_out_bias
-    if not c.is_uniform or c.hidden_dropout or c.hidden_act != "silu":
+    if not c.is_uniform or c.hidden_dropout or c.hidden_act != "silu" or c.lowrank:  # factorized: no HF class
+        return "slmkit"
+    if c.hidden_size % c.heads(0):  # transformers' LlamaConfig refuses this even with head_dim set
         return "slmkit"
     if c.num_local_experts:
         return "mixtral" if not (c.attention_bias or c.mlp_bias) else "slmkit"
@@ -84,9 +89,10 @@ def hf_model_type(c: ModelConfig) -> str:
 
 def config_to_hf(c: ModelConfig, dtype: torch.dtype) -> dict:
     data = _config_to_hf(c, dtype)
-    data.pop("quantization", None)
-    if c.quantization:
-        data[QUANT_KEY] = c.quantization
+    for name, key in SECTIONS.items():
+        data.pop(name, None)
+        if getattr(c, name):
+            data[key] = getattr(c, name)
     return data
 
 
@@ -164,8 +170,6 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     dtype = dtype or next(model.parameters()).dtype
-    from slmkit.quant.qlinear import quantized_modules
-
     quantized = tuple(f"{name}." for name, _ in quantized_modules(model))
     state = {k: (v.detach() if k.startswith(quantized) or not v.is_floating_point() else v.detach().to(dtype))
              .contiguous() for k, v in model.state_dict().items()
@@ -180,3 +184,12 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     return path
 
 
+
+
+def save_checkpoint(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """`save_hf` written whole into PATH.partial and then renamed, so an interrupted run never
+    leaves a half-written checkpoint under the target name (an older one is replaced only at the end)."""
+    path = Path(path)
+    partial = partial_dir(path)
+    save_hf(model, tokenizer, partial, dtype)
+    return replace_dir(partial, path)

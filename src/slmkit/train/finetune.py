@@ -20,18 +20,31 @@ from pathlib import Path
 import torch
 import yaml
 
-from slmkit.adapters.lora import LoraConfig, add_lora, check_rank, lora_layers, resolve_targets
+from slmkit.adapters.lora import (
+    LoraConfig,
+    add_lora,
+    check_rank,
+    lora_layers,
+    resolve_targets,
+)
 from slmkit.adapters.peft_format import restore_adapter, save_adapter
+from slmkit.compress.quant.quantize import (
+    CALIBRATED,
+    QuantConfig,
+    quant_section,
+    quantize_model,
+)
 from slmkit.config import to_dict
+from slmkit.data.calibration import calibration_ids
 from slmkit.data.loader import Layout
 from slmkit.data.sft import encode_all
 from slmkit.data.sft_batches import ExampleBatches, validation_batches
 from slmkit.data.tasks import FinetuneData, finetune_examples
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
+from slmkit.interop.hf import save_checkpoint
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
-from slmkit.quant.api import QuantConfig, quant_section, quantize_model, save_quantized
 from slmkit.train import dist
 from slmkit.train.checkpoint import HF_FILES, REQUIRED, ModelFiles
 from slmkit.train.loop import TrainConfig, TrainResult, train, uses_bf16
@@ -139,11 +152,18 @@ def _quantized_base(cfg: FinetuneConfig, model, tokenizer, is_main: bool):
         kept = load(str(path), dtype=torch.float32).model
         if kept.config.quantization == quant_section(cfg.quant):
             return kept, str(path.resolve())
-    quantize_model(model, cfg.quant, tokenizer, progress=is_main)
+    quantize_model(model, cfg.quant, _calibration(cfg, tokenizer, model), progress=is_main)
     if is_main:
-        save_quantized(model, tokenizer, path)
+        save_checkpoint(model, tokenizer, path)
     dist.barrier()
     return model, str(path.resolve())
+
+
+def _calibration(cfg: FinetuneConfig, tokenizer, model) -> torch.Tensor | None:
+    q = cfg.quant
+    if q.method not in CALIBRATED:
+        return None
+    return calibration_ids(tokenizer, q.calib, q.calib_samples, q.calib_seq_len, model.config.vocab_size)
 
 
 def publish(run: Path) -> Path:

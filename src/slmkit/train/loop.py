@@ -9,6 +9,7 @@ What it deliberately does not know: where batches come from (any object with
 `batch(step, micro, rank) -> dict`) and what the loss is (`loss_fn(model, batch)`). A recipe whose
 loss has trainable parts of its own (distillation's projections) passes them as `extra`: they are
 optimized, averaged across ranks and checkpointed with the model, but not saved into it.
+A pruned model (config section `pruning`) gets its zeros put back after every optimizer step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
+from slmkit.compress.prune import keep_zeros, sparsity_masks
 from slmkit.errors import SlmError
 from slmkit.layers import cpu_has_native_bf16
 from slmkit.train import dist
-from slmkit.train.checkpoint import HF_FILES, ModelFiles, TrainerState, load_checkpoint, save_checkpoint, truncate_metrics
+from slmkit.train.checkpoint import (
+    HF_FILES,
+    ModelFiles,
+    TrainerState,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from slmkit.train.losses import IGNORE, lm_loss
 from slmkit.train.optim import build_optimizer, lr_at
 
@@ -118,6 +127,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
     model.to(info.device).train()
     if cfg.activation_checkpointing:
         recompute_blocks(model)
+    masks = sparsity_masks(model)  # a pruned model keeps its zeros
     trainable = nn.ModuleList([model] + ([extra.to(info.device).train()] if extra is not None else []))
     opt = build_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     state = _resume(run, model, opt, cfg, info, extra, files) if resume else _fresh(run, cfg, info)
@@ -130,6 +140,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
     while state.step < cfg.steps:
         tick = time.perf_counter()
         row = _step(forward, wrapped, trainable, opt, data, cfg, state.step, info, loss_fn, amp)
+        keep_zeros(masks)
         state.step += 1
         tokens = row.pop("positions") * info.world  # what the model ran on: windows, or padded/packed examples
         state.tokens += tokens

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slmkit.quant.rtn import fake_int4, int4_grid, int4_round, pad_columns
+from slmkit.compress.quant.rtn import fake_int4, int4_grid, int4_round, pad_columns
 
 GRID = 20
 CLIP_SHRINK = 0.5  # search ranges down to half of each group's max

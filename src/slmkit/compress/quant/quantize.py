@@ -1,4 +1,4 @@
-"""Quantize a model in place (`quantize_model`), and save/load quantized checkpoints.
+"""Quantize a model in place (`quantize_model`); rebuild quantized modules when loading a checkpoint.
 
 Methods: int8 (per-row RTN), int4 (group-wise RTN), gptq and awq (calibrated int4). Every method
 ends by swapping each chosen `nn.Linear` for an `Int8Linear`/`Int4Linear` from outside the model
@@ -13,25 +13,34 @@ norms/embedding) and config.json with a `quantization` section that says how to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from slmkit.compress.calibrate import (
+    SHARED_INPUTS,
+    BlockInputs,
+    LinearStats,
+    check_calibration,
+)
+from slmkit.compress.quant.awq import (
+    HEAD_SEARCH_TOKENS,
+    apply_scales,
+    module_output_error,
+    search_clip,
+    search_scales,
+)
+from slmkit.compress.quant.fused import fuse_shared_inputs
+from slmkit.compress.quant.gptq import gptq_int4
+from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
+from slmkit.compress.quant.rtn import Int4Codes, quantize_int4, quantize_int8
 from slmkit.errors import SlmError
-from slmkit.fileio import partial_dir, replace_dir
 from slmkit.layers import swap_linears
-from slmkit.quant.fused import fuse_shared_inputs
-from slmkit.quant.qlinear import Int4Linear, Int8Linear
-from slmkit.quant.rtn import Int4Codes, quantize_int4, quantize_int8
 
 METHODS = ("int8", "int4", "gptq", "awq")
 GROUP_SIZES = (32, 64, 128, 256)
 CALIBRATED = ("gptq", "awq")
-# linears that read the same input, in the order a block computes them (one Hessian / one AWQ scale each)
-SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 @dataclass
@@ -123,9 +132,6 @@ def _check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
                        "(use --method int4 or int8)")
     if cfg.calib_samples < 1 or cfg.calib_seq_len < 8:
         raise SlmError("calibration needs at least 1 sample of at least 8 tokens")
-    if cfg.calib_seq_len > c.max_position_embeddings:
-        raise SlmError(f"calibration windows of {cfg.calib_seq_len} tokens exceed the model's context of "
-                       f"{c.max_position_embeddings}; use --calib-seq-len {c.max_position_embeddings} or less")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +140,12 @@ def _check_calibratable(model: nn.Module, cfg: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None, progress: bool = True) -> QuantReport:
-    """Quantize `model` (fp32 or bf16, eval mode) in place; returns what was done."""
+def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None,
+                   progress: bool = True) -> QuantReport:
+    """Quantize `model` (fp32 or bf16, eval mode) in place; returns what was done.
+
+    calib_ids: (samples, seq_len) calibration tokens for gptq/awq (`slmkit.data.calibration`).
+    """
     chosen, kept = targets(model, cfg)
     model.float().eval()
     _untie_head(model, chosen)
@@ -145,9 +155,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None, progress:
         made = {name: _int4_module(model.get_submodule(name), quantize_int4(_weight(model, name), cfg.group_size))
                 for name in chosen}
     else:
-        if tokenizer is None:
-            raise SlmError(f"{cfg.method} needs the model's tokenizer to read calibration text")
-        made = _calibrated(model, cfg, tokenizer, chosen, progress)
+        made = _calibrated(model, cfg, check_calibration(model, calib_ids, cfg.method), chosen, progress)
     swap_linears(model, lambda name, _linear: made.get(name))
     fuse_shared_inputs(model)
     model.config.quantization = quant_section(cfg)
@@ -178,10 +186,7 @@ def _untie_head(model: nn.Module, chosen: list[str]) -> None:
         model.config.tie_word_embeddings = False
 
 
-def _calibrated(model, cfg: QuantConfig, tokenizer, chosen: list[str], progress: bool) -> dict[str, nn.Module]:
-    from slmkit.quant.calib import BlockInputs, calibration_ids
-
-    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)
+def _calibrated(model, cfg: QuantConfig, ids: torch.Tensor, chosen: list[str], progress: bool) -> dict[str, nn.Module]:
     inputs = BlockInputs(model, ids)
     made: dict[str, nn.Module] = {}
     layers = model.model.layers
@@ -212,16 +217,13 @@ def _present_groups(names: list[str]) -> list[tuple[tuple[str, ...], list[str]]]
 
 
 def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
-    from slmkit.quant.gptq import HessianTap, gptq_int4
-
     groups = _present_groups(names)
     # one tap per shared input, on the group's first linear (skipped or not, it reads the same input)
-    taps = {group: HessianTap(block.get_submodule(group[0]), block.get_submodule(group[0]).in_features)
-            for group, _ in groups}
+    taps = {group: LinearStats(block.get_submodule(group[0])) for group, _ in groups}
     inputs.run(block, advance=False)
     made = {}
     for group, present in groups:
-        h = taps[group].close()
+        h = taps[group].close().hessian
         for name in present:
             linear = block.get_submodule(name)
             made[name] = _load_codes(linear, gptq_int4(linear.weight, h, cfg.group_size, cfg.damp, cfg.act_order))
@@ -229,8 +231,6 @@ def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) ->
 
 
 def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
-    from slmkit.quant.awq import apply_scales, search_clip, search_scales
-
     errors = _awq_output_errors(block, inputs)
     captured = _capture_inputs(block, inputs, [g[0] for g in SHARED_INPUTS])
     attn = block.self_attn
@@ -267,8 +267,6 @@ def _awq_output_errors(block: nn.Module, inputs) -> dict[str, object]:
     """For the q/k/v and gate/up groups: a maker of the error function that scores candidate weights
     on the attention output and on the MLP output (the paper's `module2inspect`), from the float
     block's inputs to them on the first few calibration windows."""
-    from slmkit.quant.awq import module_output_error
-
     x = inputs.x[:AWQ_INSPECT_SAMPLES]  # (n, T, C)
     attn, mlp = block.self_attn, block.mlp
     attn_in = block.input_layernorm(x)
@@ -296,12 +294,10 @@ def _capture_inputs(block: nn.Module, inputs, names: list[str]) -> dict[str, tor
 def _quantize_head(model, inputs, cfg: QuantConfig) -> nn.Module:
     head = model.lm_head
     if cfg.method == "gptq":
-        from slmkit.quant.gptq import HessianTap, gptq_int4
-
-        tap = HessianTap(head, head.in_features)
+        stats = LinearStats(head)
         head(inputs.final_norm()[:: max(1, inputs.tokens // 16384)])
-        return _load_codes(head, gptq_int4(head.weight, tap.close(), cfg.group_size, cfg.damp, cfg.act_order))
-    from slmkit.quant.awq import HEAD_SEARCH_TOKENS, apply_scales, search_clip, search_scales
+        h = stats.close().hessian
+        return _load_codes(head, gptq_int4(head.weight, h, cfg.group_size, cfg.damp, cfg.act_order))
 
     # the final norm feeds only the head, so it takes the head's 1/s like input_layernorm does for q/k/v
     x = inputs.final_norm()[:: max(1, inputs.tokens // 16384)]
@@ -350,16 +346,3 @@ def swap_in_empty(model: nn.Module, section: dict, names: set[str]) -> None:
 
     swap_linears(model, make)
 
-
-def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """An HF-style directory: config.json with the `slmkit_quantization` section, codes in safetensors.
-
-    Written whole into PATH.partial and then renamed, so an interrupted run never leaves a
-    half-written checkpoint under the target name (an older one there is replaced only at the end).
-    """
-    from slmkit.interop.hf import save_hf
-
-    path = Path(path)
-    partial = partial_dir(path)
-    save_hf(model, tokenizer, partial, dtype=torch.float32)
-    return replace_dir(partial, path)

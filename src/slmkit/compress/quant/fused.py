@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.quant.qlinear import INT4_INNER_K_TILES, KERNEL_DTYPE, Int4Linear
+from slmkit.compress.quant.qlinear import INT4_INNER_K_TILES, KERNEL_DTYPE, Int4Linear
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

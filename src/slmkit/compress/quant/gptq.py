@@ -12,31 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from slmkit.quant.rtn import Int4Codes, int4_grid, int4_round, pad_columns
+from slmkit.compress.quant.rtn import Int4Codes, int4_grid, int4_round, pad_columns
 
 BLOCK = 128
-
-
-class HessianTap:
-    """A forward pre-hook that accumulates H = 2 X^T X / n over every input row of a linear.
-
-    fp32 like the reference: a float64 X^T X over tens of thousands of rows costs minutes on a CPU.
-    """
-
-    def __init__(self, linear: torch.nn.Module, columns: int):
-        self.h = torch.zeros(columns, columns)
-        self.rows = 0
-        self.handle = linear.register_forward_pre_hook(self._hook)
-
-    def _hook(self, _module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, K)
-        total = self.rows + x.shape[0]
-        self.h.mul_(self.rows / total).addmm_(x.T, x, alpha=2.0 / total)
-        self.rows = total
-
-    def close(self) -> torch.Tensor:
-        self.handle.remove()
-        return self.h
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01,
@@ -54,7 +32,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp
     scales, zeros = int4_grid(w.reshape(n, -1, group_size))  # (N, G)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
     w, h = w[:, order], h[order][:, order]
-    hinv = _inverse_hessian_cholesky(h, damp)
+    hinv = inverse_hessian_cholesky(h, damp)
     codes = torch.zeros(n, kp)
     group_of = order // group_size  # (Kp,) the group each visited column belongs to
     for start in range(0, kp, BLOCK):
@@ -74,7 +52,7 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp
     return Int4Codes(codes.to(torch.uint8), scales, zeros.to(torch.uint8), group_size, k)
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, computed in float64."""
     h = h.double()
     h = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=torch.float64)

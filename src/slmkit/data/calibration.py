@@ -1,8 +1,8 @@
-"""Calibration text for GPTQ/AWQ, and running a model one block at a time over it.
+"""Calibration token windows for the calibrated compression methods (GPTQ, AWQ, Wanda, SparseGPT,
+structured pruning, whitened SVD), read from text or from an `slm prepare` directory.
 
-Calibrated methods quantize block by block: the inputs of block i are the outputs of blocks
-0..i-1 *after* they were quantized, so later blocks learn to correct earlier errors. `BlockInputs`
-holds those activations for all samples, (n, T, C) in fp32, and advances them through a block.
+The compression code takes token ids only (`slmkit.compress.calibrate`); reading and tokenizing the
+calibration text lives here, in the data layer, so compression never imports the data pipeline.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from slmkit.data.loader import TokenStream
 from slmkit.data.shared import shared_data_dir
 from slmkit.errors import SlmError
-from slmkit.model import CausalLM, attention_mask, rope_cos_sin
 from slmkit.tokenizer import Tokenizer, same_vocabulary
 
 DEFAULT_CALIB = "corpus/wikitext2/valid.txt"  # the first part only; evaluation reads from the end
@@ -57,8 +57,6 @@ def calibration_ids(tokenizer: Tokenizer, file: str | Path | None, samples: int,
 
 
 def _prepared_ids(path: Path, tokenizer: Tokenizer, needed: int) -> list[int]:
-    from slmkit.data.loader import TokenStream
-
     if not (path / "meta.json").is_file():
         raise SlmError(f"'{path}' is a directory but not one made by `slm prepare` (no meta.json); "
                        "give a text file or a prepared directory")
@@ -72,37 +70,3 @@ def _prepared_ids(path: Path, tokenizer: Tokenizer, needed: int) -> list[int]:
     if not stream.size:
         raise SlmError(f"the prepared directory '{path}' has no training tokens")
     return stream.read(0, min(needed, stream.size)).astype("int64").tolist()
-
-
-class BlockInputs:
-    """The hidden states entering the current block, for every calibration sample."""
-
-    def __init__(self, model: CausalLM, ids: torch.Tensor, micro_batch: int = 8):
-        self.model, self.micro_batch = model, micro_batch
-        n, t = ids.shape
-        with torch.no_grad():
-            self.x = torch.cat([model.model.embed_tokens(ids[i : i + micro_batch]).float()
-                                for i in range(0, n, micro_batch)])  # (n, T, C)
-        positions = torch.arange(t).expand(1, t)
-        self.cos, self.sin = rope_cos_sin(model.inv_freq, positions, torch.float32)
-        self.mask, self.is_causal = attention_mask(0, t, None, model.config.sliding_window)
-
-    @property
-    def tokens(self) -> int:
-        return self.x.shape[0] * self.x.shape[1]
-
-    @torch.no_grad()
-    def run(self, block: torch.nn.Module, advance: bool) -> None:
-        """Forward every sample through `block` (hooks see its inputs); keep the outputs if `advance`."""
-        outputs = []
-        for i in range(0, self.x.shape[0], self.micro_batch):
-            y = block(self.x[i : i + self.micro_batch], self.cos, self.sin, self.mask, self.is_causal)
-            if advance:
-                outputs.append(y)
-        if advance:
-            self.x = torch.cat(outputs)
-
-    @torch.no_grad()
-    def final_norm(self) -> torch.Tensor:
-        """Inputs of the output head, (n*T, C)."""
-        return self.model.model.norm(self.x).reshape(-1, self.x.shape[-1])
