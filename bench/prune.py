@@ -117,12 +117,20 @@ def part_accuracy(ctx) -> dict:
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else {}
     out = {}
     for name, row in rows.items():
-        if "path" not in row or (ctx.skip_measured and "arc_easy" in row):
+        if "path" not in row or (ctx.skip_measured and "arc_easy" in row) or (ctx.rows and name not in ctx.rows):
             continue
         print(f"  accuracy: {name}", flush=True)
         model = load(str(ROOT / row["path"]), dtype=torch.float32).model
         out[name] = {**row, **accuracy(model, ctx.tokenizer, ctx.items), "items": ctx.items}
+        _save_rows(out)  # row by row: the slowest part keeps what it measured if stopped
     return out
+
+
+def _save_rows(rows: dict) -> None:
+    doc = json.loads(RESULTS.read_text())
+    for name, row in rows.items():
+        doc["rows"].setdefault(name, {}).update(row)
+    write_json(RESULTS, doc)
 
 
 def part_reference(ctx) -> dict:
@@ -174,7 +182,7 @@ def heal_data() -> Path:
     text_dir.mkdir(parents=True, exist_ok=True)
     valid = (data / "corpus" / "wikitext2" / "valid.txt").read_text()
     (text_dir / "wikitext2-valid-head.txt").write_text(valid[:-400_000])  # evaluation reads from the last 400,000
-    slm("prepare", str(text_dir), str(data / "corpus" / "gutenberg"), "--out", str(out), "near_dedup=false")
+    slm("prepare", str(text_dir), str(data / "corpus" / "gutenberg"), "near_dedup=false", "--out", str(out))
     return out
 
 
@@ -251,8 +259,13 @@ def part_gguf(ctx) -> dict:
             break
         theirs.append(int(token))
     same = int(np.argmin(np.array(ours) == np.array(theirs))) if ours != theirs else len(ours)
+    with torch.inference_mode():  # slmkit's top-2 logit margin where the two first differ: a near tie or not
+        logits = model(torch.tensor([prompt + ours]))[0, len(prompt) - 1 :].float()
+    margins = (logits.topk(2).values[:, 0] - logits.topk(2).values[:, 1]).tolist()
     return {"width-healed-gptq-q4_k_m": {"ppl": perplexity(model, ctx.windows), "gguf_mib": gguf.stat().st_size / 2**20,
                                          "llama_cpp_same_tokens": same, "compared_tokens": len(ours),
+                                         "margin_at_first_difference": margins[same] if same < len(ours) else None,
+                                         "smallest_margin_before_it": min(margins[:same]) if same else None,
                                          "slmkit_text": ctx.tokenizer.decode(ours),
                                          "llama_cpp_text": ctx.tokenizer.decode(theirs)}}
 
@@ -267,6 +280,7 @@ class Context:
         self.windows = eval_windows(self.tokenizer, args.windows)
         self.calib = calibration_ids(self.tokenizer, None, args.calib_samples, 512, self.original.config.vocab_size)
         self.items, self.heal_steps, self.skip_measured = args.items, args.heal_steps, args.skip_measured
+        self.rows = [r for r in args.rows.split(",") if r]
         self.rounds, self.new_tokens = args.rounds, args.new_tokens
 
 
@@ -315,6 +329,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="512-token perplexity windows")
     parser.add_argument("--items", type=int, default=500, help="ARC-Easy and PIQA items per checkpoint")
     parser.add_argument("--skip-measured", action="store_true", help="accuracy: skip rows that have it already")
+    parser.add_argument("--rows", default="", help="accuracy: only these comma-separated rows (default: all)")
     parser.add_argument("--calib-samples", type=int, default=64, help="512-token calibration windows")
     parser.add_argument("--heal-steps", type=int, default=200, help="distillation steps for each healing run")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved decode timing rounds")
@@ -331,7 +346,8 @@ def main() -> None:
     for part in parts:
         print(f"== {part}", flush=True)
         started = time.perf_counter()
-        doc["rows"].update(globals()[f"part_{part}"](ctx))
+        for name, row in globals()[f"part_{part}"](ctx).items():  # merged: a part adds to rows, never drops
+            doc["rows"].setdefault(name, {}).update(row)
         doc.setdefault("part_seconds", {})[part] = time.perf_counter() - started
         doc.update(machine=_machine(), threads=torch.get_num_threads(), settings=vars(args),
                    date=time.strftime("%Y-%m-%d"), verdicts=verdicts(doc["rows"]))

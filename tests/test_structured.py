@@ -199,3 +199,24 @@ def test_per_layer_widths_follow_importance_and_load_back(tmp_path):
     ids = _calib(1, 10, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(load(str(tmp_path)).model(ids), pruned(ids), rtol=0, atol=0)
+
+
+def test_a_pruned_shape_quantized_with_gptq_runs_in_llama_cpp_like_slmkit(tmp_path, tiny_tokenizer):
+    """The issue's last step on a tiny model: structured prune -> GPTQ -> GGUF q4_k_m -> llama.cpp."""
+    from conftest import LLAMA_CPP_MISSING
+
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    from test_quant import _llama_cpp_agrees
+
+    from slmkit.compress.quant.quantize import QuantConfig, quantize_model
+    from slmkit.interop.gguf import write_gguf
+
+    shape = TINY.replace(vocab_size=tiny_tokenizer.vocab_size, hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=3)  # q4_k_m needs input widths that are multiples of 256
+    model = random_model(shape, seed=0)
+    ids = torch.randint(0, shape.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    pruned, _ = prune_structured(model, StructuredConfig(ffn=512, layers=2), ids, progress=False)
+    quantize_model(pruned, QuantConfig(method="gptq", group_size=64), ids, progress=False)
+    path = write_gguf(pruned, tiny_tokenizer, tmp_path / "pruned-q4_k_m.gguf", "q4_k_m")
+    prompt = tiny_tokenizer.encode("Once upon a time there was", add_special=False)
+    assert _llama_cpp_agrees(load(str(path), dtype=torch.float32).model, path, prompt, 16) >= 4
