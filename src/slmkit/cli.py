@@ -864,17 +864,10 @@ def cmd_merge(args) -> int:
         raise SlmError(f"'{args.adapter}' is not an adapter directory (no adapter_config.json)")
     loaded = load(args.adapter, dtype=torch.float32, base=args.base)
     report = merge_adapters(loaded.model)
-    if loaded.model.config.quantization:
-        from slmkit.interop.hf import save_checkpoint
+    from slmkit.interop.hf import save_checkpoint
 
-        out = save_checkpoint(loaded.model, loaded.tokenizer, args.out)
-    else:
-        from slmkit.fileio import partial_dir, replace_dir
-        from slmkit.interop.hf import save_hf
-
-        partial = partial_dir(Path(args.out))
-        save_hf(loaded.model, loaded.tokenizer, partial, getattr(torch, args.dtype))
-        out = replace_dir(partial, Path(args.out))
+    dtype = None if loaded.model.config.quantization else getattr(torch, args.dtype)  # codes keep their scales
+    out = save_checkpoint(loaded.model, loaded.tokenizer, args.out, dtype)
     print(report.summary())
     print(f"wrote {out}")
     return 0

@@ -147,6 +147,14 @@ def swap_in_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
                        "the config.json does not belong to these weights")
 
 
+def untie_head(model: nn.Module) -> None:
+    """Give a tied output head its own weight, so compressing it leaves the embedding (a full lookup
+    table) alone; the config then says the two are separate."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
 def _as_upcast(_name: str, linear: nn.Linear) -> nn.Module | None:
     if type(linear) is not nn.Linear or linear.weight.dtype != torch.bfloat16:
         return None

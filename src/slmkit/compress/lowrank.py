@@ -47,7 +47,7 @@ from slmkit.compress.calibrate import (
     check_calibration,
 )
 from slmkit.errors import SlmError, unknown_choice
-from slmkit.layers import LowRankLinear, swap_linears
+from slmkit.layers import LowRankLinear, swap_linears, untie_head
 
 METHODS = ("svd", "whitened")
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -257,7 +257,8 @@ def factorize_model(model: nn.Module, cfg: LowRankConfig, calib_ids: torch.Tenso
     ranks = {name: rank_for(n, k, cfg.keep) for name, (n, k) in shapes.items()}
     if cfg.ranks == "sensitivity":
         ranks = allocate_ranks(measure_energy(model, cfg, ids, list(shapes), progress), shapes, ranks)
-    _untie_head(model, ranks)
+    if "lm_head" in ranks:
+        untie_head(model)
     if cfg.method == "whitened":
         _factorize_whitened(model, ids, ranks, cfg.damp, progress)
     else:
@@ -323,12 +324,6 @@ def _swap(model: nn.Module, made: dict[str, nn.Module | None]) -> None:
     if any(m is not None for m in made.values()):
         swap_linears(model, lambda name, _linear: made.get(name))
 
-
-def _untie_head(model: nn.Module, ranks: dict[str, int]) -> None:
-    """A factorized head no longer shares the embedding (which stays a full lookup table)."""
-    if "lm_head" in ranks and model.config.tie_word_embeddings:
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
 
 
 def densify(model: nn.Module) -> int:

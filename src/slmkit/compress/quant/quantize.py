@@ -36,7 +36,7 @@ from slmkit.compress.quant.gptq import gptq_int4
 from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.compress.quant.rtn import Int4Codes, quantize_int4, quantize_int8
 from slmkit.errors import SlmError
-from slmkit.layers import swap_linears
+from slmkit.layers import swap_linears, untie_head
 
 METHODS = ("int8", "int4", "gptq", "awq")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -148,7 +148,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     """
     chosen, kept = targets(model, cfg)
     model.float().eval()
-    _untie_head(model, chosen)
+    if "lm_head" in chosen:
+        untie_head(model)
     if cfg.method == "int8":
         made = {name: _int8_module(model.get_submodule(name)) for name in chosen}
     elif cfg.method == "int4":
@@ -178,12 +179,6 @@ def _int4_module(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float()
 
-
-def _untie_head(model: nn.Module, chosen: list[str]) -> None:
-    """Give the head its own weight so quantizing (or AWQ-scaling) it leaves the embedding alone."""
-    if "lm_head" in chosen and model.config.tie_word_embeddings:
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
 
 
 def _calibrated(model, cfg: QuantConfig, ids: torch.Tensor, chosen: list[str], progress: bool) -> dict[str, nn.Module]:
