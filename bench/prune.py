@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def measure(model, tokenizer, path: Path, ctx) -> dict:
     row = {"ppl": perplexity(model, ctx.windows), "file_mib": file_mib(path),
            "params": sum(p.numel() for p in model.parameters())}
     row["path"] = str(path.relative_to(ROOT))
+    row["measured"] = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
     print(f"  {path.name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in row.items()), flush=True)
     return row
@@ -196,43 +198,108 @@ def slm(*args: str) -> str:
 
 
 def heal(student: Path, recipe: str, run: Path, data: Path, steps: int) -> tuple[Path, dict]:
-    started = time.perf_counter()
-    slm("distill", "--config", str(ROOT / "configs" / "distill" / recipe), f"student={student}", f"out={run}",
-        f"data={data}", f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
-        f"max_train_tokens={steps * 4 * 256}", f"kd.cache={RUNS / 'teacher-cache'}")  # one teacher pass, shared
+    """Distill `student` from the original; a finished run (its final/ and heal.json) is reused as it is."""
+    if not (run / "final" / "config.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over: its budget must be whole
+        started = time.perf_counter()
+        slm("distill", "--config", str(ROOT / "configs" / "distill" / recipe), f"student={student}", f"out={run}",
+            f"data={data}", f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
+            f"max_train_tokens={steps * 4 * 256}", f"kd.cache={RUNS / 'teacher-cache'}")  # one teacher pass, shared
+        write_json(run / "heal.json", {"heal_seconds": time.perf_counter() - started})
+    return run / "final", heal_info(run)
+
+
+def heal_info(run: Path) -> dict:
+    """Tokens, final loss and wall time of a finished heal. A run without heal.json (one whose bench
+    process was stopped after it finished) is timed from its files: first written to final/ saved."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r.get("kind") == "train"]
-    return run / "final", {"heal_seconds": time.perf_counter() - started, "heal_tokens": train_rows[-1]["tokens"],
-                           "final_train_loss": train_rows[-1]["loss"]}
+    if (run / "heal.json").is_file():
+        seconds = json.loads((run / "heal.json").read_text())["heal_seconds"]
+    else:
+        first = min(f.stat().st_mtime for f in run.iterdir() if f.is_file())
+        seconds = max(f.stat().st_mtime for f in (run / "final").iterdir()) - first
+    return {"heal_seconds": seconds, "heal_tokens": train_rows[-1]["tokens"], "final_train_loss": train_rows[-1]["loss"],
+            "heal_steps": train_rows[-1]["step"]}  # steps count from 1
 
 
 def part_structured(ctx) -> dict:
+    """Prune to each shape, heal from the pruned weights and from random ones, and time each shape.
+
+    Decode speed depends on the shape, not the weights, so each shape is timed on its pruned
+    checkpoint (the healed one has the same shape) and the healed row carries the same figures.
+    ctx.heal == "existing" starts no new healing run (finished ones are reused; the rest keep the rows
+    an earlier run measured)."""
     from slmkit.compress.structured import StructuredConfig, prune_structured
 
     data = heal_data()
-    rows, models = {}, {"original": ctx.original}
-    for kind, target, recipe in (("width", dict(params="95M"), "heal-width.yaml"),
-                                 ("depth", dict(layers=22), "heal-depth.yaml")):
+    if not (RUNS / "original" / "config.json").is_file():  # llama.cpp times its GGUF export
+        save_checkpoint(ctx.original, ctx.tokenizer, RUNS / "original")
+    rows, timed = {}, {"original": ctx.original}
+    targets = {"width": (dict(params="95M"), "heal-width.yaml"), "depth": (dict(layers=22), "heal-depth.yaml")}
+    for kind in ctx.kinds:
+        target, recipe = targets[kind]
         pruned, report = prune_structured(copy.deepcopy(ctx.original), StructuredConfig(**target), ctx.calib,
                                           progress=False)
         save_checkpoint(pruned, ctx.tokenizer, RUNS / f"{kind}-pruned")
         rows[f"{kind}-pruned"] = {**measure(pruned, ctx.tokenizer, RUNS / f"{kind}-pruned", ctx),
                                   "summary": report.summary()}
-        scratch = random_model(pruned.config, seed=0)
-        save_checkpoint(scratch, ctx.tokenizer, RUNS / f"{kind}-random")
+        timed[f"{kind}-pruned"] = pruned
+        if not (RUNS / f"{kind}-random" / "config.json").is_file():
+            save_checkpoint(random_model(pruned.config, seed=0), ctx.tokenizer, RUNS / f"{kind}-random")
         for start in ("pruned", "random"):
-            final, info = heal(RUNS / f"{kind}-{start}", recipe, RUNS / f"heal-{kind}-{start}", data, ctx.heal_steps)
-            name = f"{kind}-{start}-healed"
-            rows[name] = {**measure(None, ctx.tokenizer, final, ctx), **info}
-            models[name] = load(str(final), dtype=torch.float32).model
+            run = RUNS / f"heal-{kind}-{start}"
+            if ctx.heal == "existing" and not (run / "final" / "config.json").is_file():
+                print(f"  {run.name}: no finished run and --heal existing: its row stays as measured before")
+                continue
+            final, info = heal(RUNS / f"{kind}-{start}", recipe, run, data, ctx.heal_steps)
+            rows[f"{kind}-{start}-healed"] = {**measure(None, ctx.tokenizer, final, ctx), **info}
     prompt = ctx.tokenizer.encode(PROMPT, add_special=False)
-    speeds = decode_speeds({k: v for k, v in models.items() if not k.endswith("random-healed")}, prompt,
-                           ctx.rounds, ctx.new_tokens)
-    for name, speed in speeds.items():
-        row = rows.setdefault(name, {})
-        row["decode_tok_s"] = speed
-        row["decode_vs_original"] = speed / speeds["original"]
+    speeds = decode_speeds(timed, prompt, ctx.rounds, ctx.new_tokens)
+    fast = llama_cpp_speeds({name: RUNS / name for name in timed}, prompt, ctx.rounds, ctx.new_tokens)
+    for name in timed:
+        figures = {"decode_tok_s": speeds[name], "decode_vs_original": speeds[name] / speeds["original"]}
+        if fast:
+            figures.update(decode_tok_s_llama_cpp_q8_0=fast[name],
+                           decode_vs_original_llama_cpp_q8_0=fast[name] / fast["original"])
+        rows.setdefault(name, {}).update(figures)
+        if name != "original":
+            rows.setdefault(f"{name}-healed", {}).update(figures, decode_timed_on=f"{name} (the same shape)")
     return rows
+
+
+def llama_cpp_speeds(paths: dict[str, Path], prompt: list[int], rounds: int, new_tokens: int) -> dict[str, float]:
+    """Batch-1 greedy decode tokens/s in llama.cpp of each checkpoint exported to GGUF q8_0 (how a pruned
+    model is deployed), rounds interleaved, median; {} without the [llamacpp] extra.
+
+    Decode in slmkit's PyTorch engine pays a fixed per-layer dispatch cost that does not shrink with the
+    widths; llama.cpp's does far less, so its ratio shows what fewer parameters buy once deployed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp decode speeds (pip install -e '.[llamacpp]')")
+        return {}
+    llms = {}
+    for name, path in paths.items():
+        gguf = path.parent / f"{path.name}-q8_0.gguf"
+        slm("export", "gguf", str(path), str(gguf), "--type", "q8_0")
+        llms[name] = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def tok_s(llm) -> float:
+        start, n = time.perf_counter(), 0
+        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if n == new_tokens:
+                break
+        return n / (time.perf_counter() - start)
+
+    for llm in llms.values():  # warm-up
+        tok_s(llm)
+    speeds: dict[str, list[float]] = {name: [] for name in llms}
+    for _ in range(rounds):
+        for name, llm in llms.items():
+            speeds[name].append(tok_s(llm))
+    return {name: statistics.median(v) for name, v in speeds.items()}
 
 
 def part_gguf(ctx) -> dict:
@@ -282,6 +349,7 @@ class Context:
         self.items, self.heal_steps, self.skip_measured = args.items, args.heal_steps, args.skip_measured
         self.rows = [r for r in args.rows.split(",") if r]
         self.rounds, self.new_tokens = args.rounds, args.new_tokens
+        self.kinds, self.heal = [k for k in args.kinds.split(",") if k], args.heal
 
 
 def verdicts(rows: dict) -> dict:
@@ -305,15 +373,18 @@ def verdicts(rows: dict) -> dict:
         if healed and scratch:
             out[f"{kind}: healed ppl <= 1.5x original"] = healed["ppl"] <= 1.5 * base
             out[f"{kind}: healed ppl >= 30% below random-init"] = healed["ppl"] <= 0.7 * scratch["ppl"]
-            out[f"{kind}: decode >= 1.25x original"] = healed.get("decode_vs_original", 0) >= 1.25
+            out[f"{kind}: decode >= 1.25x original (slmkit torch engine)"] = healed.get("decode_vs_original", 0) >= 1.25
+            if "decode_vs_original_llama_cpp_q8_0" in healed:
+                out[f"{kind}: decode >= 1.25x original (llama.cpp q8_0)"] = (
+                    healed["decode_vs_original_llama_cpp_q8_0"] >= 1.25)
     if "width-pruned" in rows:
         out["width: <= 95M parameters"] = rows["width-pruned"]["params"] <= 95e6
     return out
 
 
 def print_table(rows: dict) -> None:
-    cols = ("ppl", "arc_easy", "piqa", "file_mib", "params", "decode_vs_original")
-    print(f"\n{'variant':28s}" + "".join(f"{c:>20s}" for c in cols))
+    cols = ("ppl", "arc_easy", "piqa", "file_mib", "params", "decode_vs_original", "decode_vs_original_llama_cpp_q8_0")
+    print(f"\n{'variant':28s}" + "".join(f"{c[:20]:>20s}" for c in cols))
     for name, row in rows.items():
         cells = []
         for c in cols:
@@ -332,6 +403,9 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="accuracy: only these comma-separated rows (default: all)")
     parser.add_argument("--calib-samples", type=int, default=64, help="512-token calibration windows")
     parser.add_argument("--heal-steps", type=int, default=200, help="distillation steps for each healing run")
+    parser.add_argument("--kinds", default="width,depth", help="structured: shapes to prune, heal and time")
+    parser.add_argument("--heal", choices=("all", "existing"), default="all",
+                        help="structured: run missing heals (all) or only reuse finished ones (existing)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved decode timing rounds")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timing round")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
@@ -349,6 +423,7 @@ def main() -> None:
         for name, row in globals()[f"part_{part}"](ctx).items():  # merged: a part adds to rows, never drops
             doc["rows"].setdefault(name, {}).update(row)
         doc.setdefault("part_seconds", {})[part] = time.perf_counter() - started
+        doc.setdefault("part_machine", {})[part] = f"{_machine()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
         doc.update(machine=_machine(), threads=torch.get_num_threads(), settings=vars(args),
                    date=time.strftime("%Y-%m-%d"), verdicts=verdicts(doc["rows"]))
         write_json(RESULTS, doc)

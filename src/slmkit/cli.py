@@ -18,6 +18,17 @@ DTYPES = ("bfloat16", "float32")
 HELP_WANTED = False  # set by main(): build the (costly) config listings only for --help
 
 
+def _port(value: str) -> int:
+    """argparse type: a TCP port, refused in one line before the model loads (bind would overflow later)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a port number; give 1..65535 (e.g. 8000)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 0..65535; give a free port such as 8000")
+    return port
+
+
 def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
     help_text = (f"GGUF file, Hugging Face directory or preset name (`slm presets`); "
                  f"'{DEFAULT_MODEL}' is the bundled SmolLM2-135M-Instruct")
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", default=[], help=f"models to serve, each as [NAME=]MODEL (default: "
                    f"{DEFAULT_MODEL}); clients pick one by NAME in the `model` field")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0..65535; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
                    "(default: $SLMKIT_API_KEY if set)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model")
@@ -353,6 +364,9 @@ def _add_prune(sub) -> None:
                    help="structured: which layers go (ShortGPT block influence, or the angular-distance run)")
     p.add_argument("--per-layer", action="store_true",
                    help="structured: let each layer keep its own widths (HF/GGUF export then refuse)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="structured: only slice; by default down_proj/o_proj are refit by least squares so the kept "
+                        "neurons and heads reproduce each layer's output on the calibration text")
     p.add_argument("--calib", help="calibration text file or `slm prepare` directory (default: the start of the "
                                    "shared WikiText-2 valid text; evaluation reads its end)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 64; structured 32)")
@@ -537,14 +551,18 @@ def cmd_presets(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
+    from slmkit.errors import SlmError
+
+    dst = Path(args.dst)
+    if not args.dst.endswith(".gguf") and dst.exists() and not dst.is_dir():
+        raise SlmError(f"'{args.dst}' is an existing file, but a name without .gguf means a Hugging Face "
+                       "directory; give a new directory name, or end the name in .gguf to write GGUF")
 
     loaded = _load_whole(args.src)
     if args.dst.endswith(".gguf"):
         from slmkit.interop.gguf import write_gguf
 
         if loaded.tokenizer is None:
-            from slmkit.errors import SlmError
-
             raise SlmError(f"'{args.src}' has no tokenizer; a GGUF file needs one")
         out = write_gguf(loaded.model, loaded.tokenizer, args.dst, args.type)
     else:
@@ -595,7 +613,7 @@ def cmd_prune(args) -> int:
 
         cfg = StructuredConfig(params=args.params, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads,
                                hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
-                               per_layer=args.per_layer, calib=args.calib, calib_samples=args.calib_samples or 32,
+                               per_layer=args.per_layer, refit=args.refit, calib=args.calib, calib_samples=args.calib_samples or 32,
                                calib_seq_len=args.calib_seq_len)
         check_structured(model, cfg)  # every setting checked before calibration is read
         ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len, model.config.vocab_size)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from slmkit.compress.calibrate import BlockInputs, check_calibration
+from slmkit.compress.calibrate import BlockInputs, LinearStats, check_calibration
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError, unknown_choice
 from slmkit.model import CausalLM
@@ -67,6 +67,8 @@ class StructuredConfig:
     """block_influence (ShortGPT: drop the layers whose output is most like their input) | angular (Gromov et al.: drop the contiguous run whose ends are closest)"""
     per_layer: bool = False
     """let each layer keep its own number of neurons and KV groups (saved as model_type slmkit: no transformers, no GGUF)"""
+    refit: bool = True
+    """refit down_proj (and o_proj when heads go) by least squares so the kept neurons/heads reproduce each layer's full output on the calibration activations"""
     calib: str | None = None
     """calibration text file or `slm prepare` directory"""
     calib_samples: int = 32
@@ -242,6 +244,8 @@ class Importance:
     influence: torch.Tensor  # (L,): 1 - mean cos(block input, block output)
     states: torch.Tensor  # (L+1, S, C): a strided sample of tokens' hidden states entering each layer (and the last output)
     tokens: int
+    xtx: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per layer, for refit: input X^T X / rows of
+    # "down_proj" (F, F) and "o_proj" (H*D, H*D); empty when no refit was asked for
 
     def groups(self, layer: int, kv_heads: int) -> torch.Tensor:
         """(K, G) head scores arranged by key/value group (query head h belongs to group h // G)."""
@@ -281,30 +285,33 @@ class _Taps:
 
 
 @torch.no_grad()
-def importance(model: CausalLM, ids: torch.Tensor, progress: bool = True) -> Importance:
-    """Score neurons, heads, channels and layers in one pass (fp32; the model's dtype is restored)."""
+def importance(model: CausalLM, ids: torch.Tensor, progress: bool = True, refit: bool = False) -> Importance:
+    """Score neurons, heads, channels and layers in one pass (fp32; the model's dtype is restored);
+    with `refit`, also keep the input X^T X of every down_proj and o_proj for `refit_columns`."""
     ids = check_calibration(model, ids, "structured pruning")
     dtype = next(model.parameters()).dtype
     model.float().eval()
     try:
-        return _score(model, ids, progress)
+        return _score(model, ids, progress, refit)
     finally:
         model.to(dtype)
 
 
-def _score(model: CausalLM, ids: torch.Tensor, progress: bool) -> Importance:
+def _score(model: CausalLM, ids: torch.Tensor, progress: bool, refit: bool) -> Importance:
     inputs = BlockInputs(model, ids)
     n_tok = inputs.tokens
     sample = torch.linspace(0, n_tok - 1, min(n_tok, ANGULAR_TOKENS)).long()  # token rows kept for `angular`
-    neurons, heads, influence, states, channels = [], [], [], [], 0.0
+    neurons, heads, influence, states, channels, xtx = [], [], [], [], 0.0, []
     layers = model.model.layers
     for block in tqdm(layers, desc=f"importance ({n_tok:,} calibration tokens)", unit="layer", disable=not progress):
         x_in = inputs.x  # (n, T, C); `run` replaces it, so this reference keeps the block's input
         taps = _Taps(block, block.self_attn.n_heads)
+        stats = {"down_proj": LinearStats(block.mlp.down_proj), "o_proj": LinearStats(block.self_attn.o_proj)} if refit else {}
         try:
             x_out = inputs.run(block, advance=True)
         finally:
             taps.close()
+            xtx.append({name: s.close().xtx for name, s in stats.items()})
         neurons.append(taps.neurons / n_tok)
         heads.append(taps.heads / n_tok)
         channels = channels + taps.channels / n_tok
@@ -312,7 +319,22 @@ def _score(model: CausalLM, ids: torch.Tensor, progress: bool) -> Importance:
         states.append(x_in.flatten(0, 1)[sample])
     states.append(inputs.x.flatten(0, 1)[sample])
     channels = channels + inputs.final_norm().abs().mean(0)
-    return Importance(neurons, heads, channels, torch.stack(influence), torch.stack(states), n_tok)
+    return Importance(neurons, heads, channels, torch.stack(influence), torch.stack(states), n_tok,
+                      xtx if refit else [])
+
+
+def refit_columns(weight: torch.Tensor, xtx: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """(N, K) weights on the kept inputs that best reproduce `weight`'s (N, F) output, in least squares
+    over the calibration inputs: min E||W x - W' x_K||^2 gives W' = W G[:, K] G[K, K]^-1 with G = E[x x^T].
+
+    Dropping a neuron is then not just losing its column: what the kept neurons' activations
+    predict of it is folded into their columns (the compensation SlimGPT and FLAP add; Minitron leaves it
+    to healing). G[K, K] is damped by `damp` x its mean diagonal, as GPTQ does; float64 for the solve."""
+    g = xtx.double()
+    gkk = g[kept][:, kept]
+    gkk = gkk + damp * gkk.diagonal().mean() * torch.eye(len(kept), dtype=g.dtype)
+    cross = weight.double() @ g[:, kept]  # (N, K)
+    return torch.linalg.solve(gkk, cross.T).T.to(weight.dtype)  # gkk is symmetric: (gkk^-1 cross^T)^T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +434,7 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def _sliced_state(model: CausalLM, plan: _Plan) -> dict[str, torch.Tensor]:
+def _sliced_state(model: CausalLM, plan: _Plan, xtx: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The new model's state dict: every parameter sliced by its rows' and columns' roles.
 
     RMSNorm weights are scaled by sqrt(C / C'): the mean of squares is now taken over C' channels,
@@ -436,6 +458,9 @@ def _sliced_state(model: CausalLM, plan: _Plan) -> dict[str, torch.Tensor]:
             index.update(q=_rows(plan.heads[j], d), kv=_rows(plan.kv[j], d), f=plan.neurons[j])
             name = f"model.layers.{j}." + name.split(".", 3)[3]
         rows, cols = _role(name)
+        proj = name.rsplit(".", 2)[-2]
+        if xtx and cols in ("f", "q") and name.endswith("weight") and len(index[cols]) < tensor.shape[1]:
+            tensor, cols = refit_columns(tensor, xtx[old][proj], index[cols]), None
         if rows is not None:
             tensor = tensor.index_select(0, index[rows])
         if cols is not None:
@@ -461,7 +486,7 @@ def _final_config(c: ModelConfig, target: ModelConfig, plan: _Plan, imp: Importa
                                                        "num_key_value_heads", "num_hidden_layers")},
                "dropped_layers": [i for i in range(c.num_hidden_layers) if i not in plan.layers],
                "layer_metric": cfg.layer_metric, "per_layer": cfg.per_layer, "importance": IMPORTANCE,
-               "calibration_tokens": imp.tokens}
+               "calibration_tokens": imp.tokens, "refit": bool(imp.xtx)}
     if c.pruning:
         section["previous"] = c.pruning
     return out.replace(pruning=section)
@@ -489,12 +514,12 @@ def prune_structured(model: CausalLM, cfg: StructuredConfig, calib_ids: torch.Te
     calib_ids: (samples, T) token ids from `slmkit.data.calibration.calibration_ids`."""
     c = model.config
     target = check_structured(model, cfg)
-    imp = importance(model, calib_ids, progress)
+    imp = importance(model, calib_ids, progress, refit=cfg.refit)
     plan = _plan(c, target, imp, cfg)
     config = _final_config(c, target, plan, imp, cfg)
     with torch.device("meta"):
         pruned = CausalLM(config)
-    missing, unexpected = pruned.load_state_dict(_sliced_state(model, plan), strict=False, assign=True)
+    missing, unexpected = pruned.load_state_dict(_sliced_state(model, plan, imp.xtx), strict=False, assign=True)
     if [m for m in missing if m != "lm_head.weight" or not config.tie_word_embeddings] or unexpected:
         raise SlmError(f"internal: sliced weights do not fit {missing[:3]} {unexpected[:3]}")  # a bug, not input
     pruned.tie_weights()
