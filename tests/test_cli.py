@@ -47,6 +47,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert bad.returncode == 2 and "is not a GGUF file" in bad.stderr and "Traceback" not in bad.stderr
     unknown = slm("size", "smollm-135")
     assert unknown.returncode == 2 and "Did you mean" in unknown.stderr
+    port = slm("serve", "--port", "99999")  # refused by argparse, before any model loads
+    assert port.returncode == 2 and "outside 0..65535" in port.stderr and "Traceback" not in port.stderr
+    (tmp_path / "taken.txt").write_text("keep me")
+    taken = slm("convert", "tiny", str(tmp_path / "taken.txt"))
+    assert taken.returncode == 2 and "existing file" in taken.stderr and "Traceback" not in taken.stderr
+    assert taken.stderr.strip().count("\n") == 0 and (tmp_path / "taken.txt").read_text() == "keep me"
 
 
 def test_generate_info_and_convert_on_a_tiny_model(tmp_path, tiny_tokenizer):

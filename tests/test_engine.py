@@ -130,7 +130,51 @@ def test_sample_greedy_and_seeded_draws():
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
 
 
+def _penalized_greedy(model, prompt, n, frequency, presence, bias, repetition=1.0):
+    """Greedy by full forward passes with OpenAI's penalties and bias and transformers' repetition
+    penalty written out per step: the reference for the engine and the server's scheduler."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            for t in set(ids):
+                logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+            for t in set(out):
+                logits[t] -= out.count(t) * frequency + presence
+            for t, b in bias.items():
+                logits[t] += b
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+PENALIZED = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={3: 4.0, 9: -100.0},
+                 repetition_penalty=1.2)
+
+
+def test_penalties_and_logit_bias_follow_openai_and_match_a_full_forward_loop(tiny_model):
+    logits = torch.zeros(1, 5)
+    counts = torch.tensor([[0.0, 2.0, 1.0, 0.0, 0.0]])
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={4: 1.0})
+    from slmkit.infer.sampling import apply_count_penalties, apply_logit_bias
+
+    torch.testing.assert_close(apply_logit_bias(apply_count_penalties(logits, counts, 0.5, 0.25), {4: 1.0}),
+                               torch.tensor([[0.0, -1.25, -0.75, 0.0, 1.0]]))
+    assert sample(logits, params, counts=counts).item() == 4
+    prompt = [5, 17, 33, 2, 101]
+    plain = Engine(tiny_model).generate([prompt], SamplingParams(max_new_tokens=16))[0].tokens
+    params = SamplingParams(max_new_tokens=16, **PENALIZED)
+    got = Engine(tiny_model).generate([prompt], params)[0].tokens
+    reference = _penalized_greedy(tiny_model, prompt, 16, 1.5, 0.5, {3: 4.0, 9: -100.0}, 1.2)
+    assert got == reference and got != plain and 9 not in got
+    forced = Engine(tiny_model).generate([prompt], SamplingParams(max_new_tokens=5, logit_bias={42: 100.0}))[0]
+    assert forced.tokens == [42] * 5
+    with pytest.raises(SlmError, match="vocabulary"):
+        Engine(tiny_model).generate([prompt], SamplingParams(logit_bias={10**6: 1.0}))
+
+
 def test_invalid_sampling_params():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2),
+                dict(frequency_penalty=2.5), dict(presence_penalty=-3), dict(logit_bias={1: 101.0})):
         with pytest.raises(SlmError):
             SamplingParams(**bad)

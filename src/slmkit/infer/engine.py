@@ -19,7 +19,7 @@ import torch
 
 from slmkit.compress.quant.fused import unfuse_shared_inputs
 from slmkit.errors import SlmError
-from slmkit.infer.sampling import SamplingParams, make_generator, sample
+from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.model import CausalLM, KVCache
 
@@ -96,6 +96,7 @@ class Engine:
                  on_token: TokenCallback | None = None) -> list[Generation]:
         for p in prompts:
             self.check_prompt(p)
+        params.check_vocab(self.model.config.vocab_size)
         longest = max(len(p) for p in prompts)
         # Left padding puts every row's end at slot `longest`, so the context bounds all rows alike.
         budget = min(params.max_new_tokens, self.max_seq_len - longest)
@@ -145,10 +146,12 @@ class Engine:
         generator = make_generator(params.seed)
         stops = set(params.stop_token_ids)
         history = self._history(prompts, logits.device) if params.repetition_penalty != 1.0 else None
+        counts = torch.zeros_like(logits, dtype=torch.float32) if params.penalizes_counts else None  # (B, V)
         results = [Generation([], "length", len(p)) for p in prompts]
         done = [False] * batch
         while True:
-            token = sample(logits, params, generator, history)  # (B,)
+            token = sample(logits, params, generator, history, counts)  # (B,)
+            counts = count_tokens(counts, token)
             for row, tok in enumerate(token.tolist()):
                 if not done[row]:
                     done[row] = self._accept(results[row], row, tok, stops, budget, on_token)

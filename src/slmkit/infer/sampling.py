@@ -1,9 +1,12 @@
 """Choosing the next token: a pure function of (logits, params, generator, history).
 
-Greedy when temperature is 0; otherwise repetition penalty -> temperature -> top-k -> top-p ->
-a draw from `generator`, so a seed reproduces a sample exactly. The order and the definitions
-follow transformers' logits processors (repetition penalty divides positive logits and multiplies
-negative ones, over every token already in the sequence, prompt included).
+Repetition penalty -> frequency/presence penalties -> logit bias, then greedy when temperature is 0;
+otherwise temperature -> top-k -> top-p -> a draw from `generator`, so a seed reproduces a sample
+exactly. The repetition penalty follows transformers' logits processor (it divides positive logits
+and multiplies negative ones, over every token already in the sequence, prompt included); the
+frequency and presence penalties and the logit bias follow OpenAI's definitions
+(logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counting only the tokens generated
+so far; logit[j] += bias[j]).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0  # 1 = no nucleus cut
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the sequence
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per earlier occurrence in the generated text
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once if the token was generated at all
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
 
@@ -36,6 +42,23 @@ class SamplingParams:
             raise SlmError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise SlmError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SlmError(f"{name} must be in [-2, 2] (as in OpenAI's API), got {getattr(self, name)}")
+        bad = [t for t, b in self.logit_bias.items() if not -100 <= b <= 100 or int(t) < 0]
+        if bad:
+            raise SlmError(f"logit_bias for token {bad[0]} must have a token id >= 0 and a bias in [-100, 100]")
+
+    @property
+    def penalizes_counts(self) -> bool:
+        """Whether sampling needs the per-token counts of the generated text."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a logit_bias token the model does not have (one line, before any work)."""
+        outside = [t for t in self.logit_bias if int(t) >= vocab_size]
+        if outside:
+            raise SlmError(f"logit_bias names token {outside[0]}, but the model's vocabulary is 0..{vocab_size - 1}")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +81,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, seen)
 
 
+def apply_count_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                          presence: float) -> torch.Tensor:
+    """logits (B, V); counts (B, V) how often each token was generated so far."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """logits (B, V) with bias[j] added to column j of every row."""
+    ids = torch.tensor([int(t) for t in bias], device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
+
+
+def count_tokens(counts: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+    """counts (B, V) after adding one occurrence of each row's token (B,); None stays None."""
+    if counts is None:
+        return None
+    return counts.index_put_((torch.arange(len(tokens), device=tokens.device), tokens),
+                             torch.ones(len(tokens), dtype=counts.dtype, device=counts.device), accumulate=True)
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
@@ -77,11 +121,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           history: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V)."""
+           history: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    history (B, L): every token id so far, prompt included (repetition penalty); counts (B, V): how
+    often each token was generated (frequency/presence penalties; see `count_tokens`)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.penalizes_counts and counts is not None:
+        logits = apply_count_penalties(logits, counts, params.frequency_penalty, params.presence_penalty)
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.greedy:
         return logits.argmax(-1)
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)

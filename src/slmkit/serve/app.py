@@ -95,7 +95,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
         if len(prompts) * body.n > MAX_N:
             raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n)", param="n")
         settings = Settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stops, body.seed,
-                            body.logprobs, body.echo, timeout)
+                            body.logprobs, body.echo, timeout, *_penalties(body))
         return await _answer(backend, body, prompts, settings, chat=False, metrics=metrics)
 
     @app.post("/v1/chat/completions")
@@ -106,7 +106,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
             raise ApiError(400, "tools are not supported by this server", param="tools")
         top = (body.top_logprobs or 0) if body.logprobs else None
         settings = Settings(body.token_limit, body.temperature, body.top_p, body.n, body.stops, body.seed, top,
-                            False, timeout)
+                            False, timeout, *_penalties(body))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
@@ -138,12 +138,26 @@ async def _read(request: Request, model_cls, max_body: int):
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return model_cls.model_validate(data)
+        body = model_cls.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
                        code="invalid_value") from None
+    if unknown := body.unsupported_fields:
+        raise ApiError(400, f"unrecognized request argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                       "this server does not implement it; leave it out", param=unknown[0], code="unsupported_parameter")
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise ApiError(400, f"response_format type '{fmt}' is not supported by this server yet (structured output "
+                       "is not implemented); leave response_format out or use type 'text'", param="response_format",
+                       code="unsupported_parameter")
+    return body
+
+
+def _penalties(body) -> tuple[float, float, dict[int, float]]:
+    """(frequency_penalty, presence_penalty, logit_bias) in Settings' order."""
+    return body.frequency_penalty, body.presence_penalty, dict(body.logit_bias or {})
 
 
 def _backend(backends: dict, name: str):

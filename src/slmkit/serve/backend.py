@@ -34,6 +34,9 @@ class Settings:
     top_logprobs: int | None = None  # None: no logprobs
     echo: bool = False  # completions: the answer text starts with the prompt (and logprobs cover it)
     timeout: float = 600.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +73,10 @@ class LocalBackend:
         """The max_tokens to use (default: what fits); a 400 when the request cannot fit."""
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
+        vocab = self.scheduler.model.config.vocab_size
+        if outside := [t for t in settings.logit_bias if t >= vocab]:
+            raise ApiError(400, f"logit_bias names token {outside[0]}, but the model's vocabulary is 0..{vocab - 1}",
+                           param="logit_bias")
         max_tokens = self.context - len(ids) if settings.max_tokens is None else settings.max_tokens
         try:
             self.scheduler.check(len(ids), max_tokens)
@@ -108,7 +115,8 @@ class LocalRun:
         queue: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + settings.timeout
         params = SamplingParams(max_new_tokens=max(1, self.max_tokens), temperature=settings.temperature,
-                                top_p=settings.top_p, seed=settings.seed)
+                                top_p=settings.top_p, seed=settings.seed, frequency_penalty=settings.frequency_penalty,
+                                presence_penalty=settings.presence_penalty, logit_bias=settings.logit_bias)
         for index in range(settings.n):  # choice i of a seeded request uses seed + i: different, reproducible
             seeded = params if settings.seed is None else replace(params, seed=settings.seed + index)
             self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), settings.stop,

@@ -1,8 +1,12 @@
 """The OpenAI request bodies we accept (pydantic models, so wrong types are caught before any work)
 and the OpenAI error shape we answer with.
 
-Unknown fields are ignored, as OpenAI's own API does for forward compatibility; fields we cannot
-honour (`best_of`, `suffix`, tools) are rejected with a 400 that names them rather than ignored.
+A field we do not implement is refused with a 400 that names it, never silently ignored (OpenAI's
+own API answers "Unrecognized request argument supplied" the same way): undeclared fields are
+collected by pydantic (`extra="allow"`) and `unsupported_fields` names them; only fields that
+change nothing about the answer (`metadata`, `store`, `service_tier`, `parallel_tool_calls` without
+tools) pass. Declared fields we cannot honour (`best_of`, `suffix`, tools, a `response_format`
+other than text) are refused where the request is answered.
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# OpenAI fields that do not change the answer: accepted and not acted on
+HARMLESS_FIELDS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                             "safety_identifier"})
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=False)
+    model_config = ConfigDict(extra="allow", strict=False)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
@@ -47,6 +56,23 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None  # token id (a JSON string key) -> bias in [-100, 100]
+    response_format: dict | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias):
+        for token, value in (bias or {}).items():
+            if token < 0 or not -100 <= value <= 100:
+                raise ValueError(f"token {token}: ids are >= 0 and biases in [-100, 100]")
+        return bias
+
+    @property
+    def unsupported_fields(self) -> list[str]:
+        """Fields the request sent that this server does not know (each would otherwise be ignored)."""
+        return sorted(set(self.model_extra or {}) - HARMLESS_FIELDS)
 
     @field_validator("stop")
     @classmethod

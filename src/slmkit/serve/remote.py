@@ -61,6 +61,10 @@ class RemoteRun:
         s, chat = self.settings, self.prompt.messages is not None
         body = {"model": self.backend.model or "default", "stream": True, "temperature": s.temperature,
                 "top_p": s.top_p, "n": s.n, "stop": s.stop or None, "seed": s.seed}
+        if s.frequency_penalty or s.presence_penalty:
+            body.update(frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty)
+        if s.logit_bias:  # token ids as the client sent them: the remote's own tokenizer reads them
+            body["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
         if s.max_tokens is not None:
             body["max_tokens"] = s.max_tokens
         if chat:

@@ -23,7 +23,7 @@ import torch
 from slmkit.errors import SlmError
 from slmkit.generate import TextStream
 from slmkit.infer.engine import default_cache_dtype
-from slmkit.infer.sampling import SamplingParams, make_generator, sample
+from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.serve.batch import BatchCache
 from slmkit.tokenizer import Tokenizer
@@ -82,6 +82,8 @@ class _Row:
     generated: int = 0
     finish_reason: str | None = None
     pending: list[TokenInfo] = field(default_factory=list)  # tokens whose text the stream holds back
+    history: list[int] = field(default_factory=list)  # prompt + generated ids (the repetition penalty's)
+    counts: torch.Tensor | None = None  # (1, V) generated-token counts (frequency/presence penalties)
 
 
 class Scheduler:
@@ -182,6 +184,10 @@ class Scheduler:
             job.emit(Event("prompt", tokens=self._prompt_logprobs(job, logits)))
         row = _Row(job, TextStream(self.tokenizer, job.stop), make_generator(job.params.seed),
                    len(job.prompt), logits[-1])
+        if job.params.repetition_penalty != 1.0:
+            row.history = list(job.prompt)
+        if job.params.penalizes_counts:
+            row.counts = torch.zeros(1, logits.shape[-1])
         if job.max_tokens == 0:  # echo-only scoring: nothing to generate
             self._finish(row, "length")
             return
@@ -204,7 +210,11 @@ class Scheduler:
     def _choose(self, row: _Row) -> None:
         """Sample the row's next token from its logits and stream it (the token is fed next step)."""
         params = row.job.params
-        token = int(sample(row.logits[None], params, row.generator)[0])
+        history = torch.tensor([row.history]) if row.history else None  # (1, L)
+        token = int(sample(row.logits[None], params, row.generator, history, row.counts)[0])
+        row.counts = count_tokens(row.counts, torch.tensor([token]))
+        if row.history:
+            row.history.append(token)
         if token in self.stop_ids or token in params.stop_token_ids:
             row.finish_reason = "stop"
             return
