@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,19 +82,29 @@ def accuracy(model, tokenizer, items: int) -> dict[str, float]:
     return out
 
 
-def decode_speeds(models: dict, prompt: list[int], rounds: int, new_tokens: int) -> dict[str, float]:
-    """Batch-1 greedy decode tokens/s of each model, rounds interleaved (noise hits all alike), median."""
-    engines = {name: Engine(m) for name, m in models.items()}
-    params = SamplingParams(max_new_tokens=new_tokens)  # no stop tokens: every round decodes new_tokens
-    speeds: dict[str, list[float]] = {name: [] for name in models}
-    for engine in engines.values():  # warm-up
-        engine.generate([prompt], params)
+def interleaved_medians(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median of each timing function (tokens/s), one warm-up call each, rounds interleaved so that
+    noise on the machine hits every variant alike."""
+    for run in runs.values():
+        run()
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, engine in engines.items():
-            start = time.perf_counter()
-            out = engine.generate([prompt], params)[0].tokens
-            speeds[name].append(len(out) / (time.perf_counter() - start))
+        for name, run in runs.items():
+            speeds[name].append(run())
     return {name: statistics.median(v) for name, v in speeds.items()}
+
+
+def decode_speeds(models: dict, prompt: list[int], rounds: int, new_tokens: int) -> dict[str, float]:
+    """Batch-1 greedy decode tokens/s of each model in slmkit's engine."""
+    params = SamplingParams(max_new_tokens=new_tokens)  # no stop tokens: every round decodes new_tokens
+
+    def timer(engine: Engine) -> Callable[[], float]:
+        def tok_s() -> float:
+            start = time.perf_counter()
+            return len(engine.generate([prompt], params)[0].tokens) / (time.perf_counter() - start)
+        return tok_s
+
+    return interleaved_medians({name: timer(Engine(m)) for name, m in models.items()}, rounds)
 
 
 def file_mib(path: Path) -> float:
@@ -285,21 +296,17 @@ def llama_cpp_speeds(paths: dict[str, Path], prompt: list[int], rounds: int, new
         slm("export", "gguf", str(path), str(gguf), "--type", "q8_0")
         llms[name] = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
 
-    def tok_s(llm) -> float:
-        start, n = time.perf_counter(), 0
-        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            n += 1
-            if n == new_tokens:
-                break
-        return n / (time.perf_counter() - start)
+    def timer(llm) -> Callable[[], float]:
+        def tok_s() -> float:
+            start, n = time.perf_counter(), 0
+            for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                n += 1
+                if n == new_tokens:
+                    break
+            return n / (time.perf_counter() - start)
+        return tok_s
 
-    for llm in llms.values():  # warm-up
-        tok_s(llm)
-    speeds: dict[str, list[float]] = {name: [] for name in llms}
-    for _ in range(rounds):
-        for name, llm in llms.items():
-            speeds[name].append(tok_s(llm))
-    return {name: statistics.median(v) for name, v in speeds.items()}
+    return interleaved_medians({name: timer(llm) for name, llm in llms.items()}, rounds)
 
 
 def part_gguf(ctx) -> dict:

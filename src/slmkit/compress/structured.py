@@ -311,7 +311,10 @@ def _score(model: CausalLM, ids: torch.Tensor, progress: bool, refit: bool) -> I
             x_out = inputs.run(block, advance=True)
         finally:
             taps.close()
-            xtx.append({name: s.close().xtx for name, s in stats.items()})
+            for s in stats.values():
+                s.close()
+        if refit:
+            xtx.append({name: s.xtx for name, s in stats.items()})
         neurons.append(taps.neurons / n_tok)
         heads.append(taps.heads / n_tok)
         channels = channels + taps.channels / n_tok
@@ -319,8 +322,7 @@ def _score(model: CausalLM, ids: torch.Tensor, progress: bool, refit: bool) -> I
         states.append(x_in.flatten(0, 1)[sample])
     states.append(inputs.x.flatten(0, 1)[sample])
     channels = channels + inputs.final_norm().abs().mean(0)
-    return Importance(neurons, heads, channels, torch.stack(influence), torch.stack(states), n_tok,
-                      xtx if refit else [])
+    return Importance(neurons, heads, channels, torch.stack(influence), torch.stack(states), n_tok, xtx)
 
 
 def refit_columns(weight: torch.Tensor, xtx: torch.Tensor, kept: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -458,8 +460,8 @@ def _sliced_state(model: CausalLM, plan: _Plan, xtx: list[dict[str, torch.Tensor
             index.update(q=_rows(plan.heads[j], d), kv=_rows(plan.kv[j], d), f=plan.neurons[j])
             name = f"model.layers.{j}." + name.split(".", 3)[3]
         rows, cols = _role(name)
-        proj = name.rsplit(".", 2)[-2]
         if xtx and cols in ("f", "q") and name.endswith("weight") and len(index[cols]) < tensor.shape[1]:
+            proj = name.rsplit(".", 2)[-2]  # down_proj (neurons) or o_proj (heads)
             tensor, cols = refit_columns(tensor, xtx[old][proj], index[cols]), None
         if rows is not None:
             tensor = tensor.index_select(0, index[rows])

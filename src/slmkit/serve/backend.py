@@ -73,10 +73,10 @@ class LocalBackend:
         """The max_tokens to use (default: what fits); a 400 when the request cannot fit."""
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        vocab = self.scheduler.model.config.vocab_size
-        if outside := [t for t in settings.logit_bias if t >= vocab]:
-            raise ApiError(400, f"logit_bias names token {outside[0]}, but the model's vocabulary is 0..{vocab - 1}",
-                           param="logit_bias")
+        try:  # the sampler's own check, answered as a 400
+            SamplingParams(logit_bias=settings.logit_bias).check_vocab(self.scheduler.model.config.vocab_size)
+        except SlmError as error:
+            raise ApiError(400, str(error), param="logit_bias") from None
         max_tokens = self.context - len(ids) if settings.max_tokens is None else settings.max_tokens
         try:
             self.scheduler.check(len(ids), max_tokens)
