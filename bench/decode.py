@@ -1,12 +1,14 @@
-"""Prefill and decode speed of SmolLM2-135M: slmkit (fp32, bf16) against transformers, in one run.
+"""Prefill and decode speed of SmolLM2-135M: slmkit's engines against transformers and raw llama.cpp, in one run.
 
 Both sides get the same weights (the bundled GGUF, dequantized to fp32), the same prompt and the
 same thread count. Each measurement times generation of 1 token (= prefill) and of N tokens;
 decode tokens/s = batch * (N - 1) / (t_N - t_1). Configurations are interleaved over several
 rounds and the median is reported, because this machine is noisy. The result that matters is the
-ratio to transformers fp32 measured in the same run.
+ratio to transformers fp32 measured in the same run, and for slmkit's llama.cpp engine the ratio
+to raw llama-cpp-python (`Llama.generate`, greedy) on the same GGUF file (Q8_0 and Q4_0 exports of
+the same weights; batch 1, the only batch `Llama` decodes).
 
-    python bench/decode.py [--rounds 3] [--prompt-tokens 128] [--new-tokens 64] [--no-compile]
+    python bench/decode.py [--rounds 3] [--prompt-tokens 128] [--new-tokens 64] [--no-compile] [--no-llamacpp]
 
 Writes bench/results/decode.json and prints a table.
 """
@@ -25,8 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from slmkit.compress.quant.quantize import QuantConfig, quantize_model  # noqa: E402
 from slmkit.infer.engine import Engine  # noqa: E402
+from slmkit.infer.llamacpp import LlamaCppEngine, available  # noqa: E402
 from slmkit.infer.sampling import SamplingParams  # noqa: E402
+from slmkit.interop.gguf import write_gguf  # noqa: E402
 from slmkit.load import bundled_gguf, load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +89,37 @@ def transformers_runner():
     return run
 
 
+def llamacpp_raw_runner(path: Path):
+    """llama-cpp-python as its users call it: `Llama.generate`, greedy (batch 1 only)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(batch: list[list[int]], new: int) -> float:
+        assert len(batch) == 1
+        start, count = time.perf_counter(), 0
+        for _ in llm.generate(batch[0], temp=0.0, top_k=1, reset=True):
+            count += 1
+            if count == new:
+                break
+        return time.perf_counter() - start
+
+    return run
+
+
+def slmkit_llamacpp_runner(path: Path, config, sequences: int):
+    engine = LlamaCppEngine(path, config, 1024, sequences=sequences)
+
+    def run(batch: list[list[int]], new: int) -> float:
+        engine.reset()  # no prefix reuse between runs: the raw runner resets too
+        start = time.perf_counter()
+        out = engine.generate(batch, SamplingParams(max_new_tokens=new))
+        assert all(len(g.tokens) == new for g in out)
+        return time.perf_counter() - start
+
+    return run
+
+
 def measure(run, prompt: list[int], batch: int, new: int) -> dict:
     prompts = [prompt] * batch
     t1 = run(prompts, 1)
@@ -98,29 +134,45 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (saves ~2 min)")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp rows")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode.json"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     loaded = load("smollm2-135m-instruct", dtype=torch.float32)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
+    int4 = load("smollm2-135m-instruct", dtype=torch.float32).model
+    quantize_model(int4, QuantConfig(method="int4", group_size=32), progress=False)
     runners = {
         "transformers fp32": transformers_runner(),
         "slmkit fp32": slmkit_runner(load("smollm2-135m-instruct", dtype=torch.float32).model, torch.float32),
         "slmkit bf16": slmkit_runner(loaded.model, torch.bfloat16),
+        "slmkit int4": slmkit_runner(int4, torch.float32),
     }
     if not args.no_compile:
         compiled = load("smollm2-135m-instruct", dtype=torch.bfloat16).model
         runners["slmkit bf16 compiled"] = slmkit_runner(compiled, torch.bfloat16, compile=True)
-    for run in runners.values():  # warm-up (and compilation), excluded
+    batch_one = set()  # runners that decode one sequence only
+    if not args.no_llamacpp and available():
+        out = ROOT / "runs" / "bench-decode"
+        out.mkdir(parents=True, exist_ok=True)
+        weights = load("smollm2-135m-instruct", dtype=torch.float32).model  # fp32 (the bf16 runner converted `loaded`)
+        for kind in ("q8_0", "q4_0"):
+            path = write_gguf(weights, loaded.tokenizer, out / f"smollm2-{kind}.gguf", kind)
+            runners[f"llama.cpp raw {kind}"] = llamacpp_raw_runner(path)
+            runners[f"slmkit llamacpp {kind}"] = slmkit_llamacpp_runner(path, loaded.model.config, max(batches))
+            batch_one.add(f"llama.cpp raw {kind}")
+    for name, run in runners.items():  # warm-up (and compilation), excluded
         for batch in batches:
-            run([prompt[:16]] * batch, 4)
+            if batch == 1 or name not in batch_one:
+                run([prompt[:16]] * batch, 4)
 
     samples: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.rounds):
         for batch in batches:
             for name, run in runners.items():
-                samples.setdefault((name, batch), []).append(measure(run, prompt, batch, args.new_tokens))
+                if batch == 1 or name not in batch_one:
+                    samples.setdefault((name, batch), []).append(measure(run, prompt, batch, args.new_tokens))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     rows = []
@@ -133,6 +185,9 @@ def main() -> None:
         ref = next(r for r in rows if r["engine"] == "transformers fp32" and r["batch"] == row["batch"])
         row["decode_vs_transformers_fp32"] = row["decode_tps"] / ref["decode_tps"]
         row["prefill_vs_transformers_fp32"] = row["prefill_tps"] / ref["prefill_tps"]
+        raw = next((r for r in rows if row["engine"].startswith("slmkit llamacpp") and r["batch"] == row["batch"]
+                    and r["engine"] == row["engine"].replace("slmkit llamacpp", "llama.cpp raw")), None)
+        row["decode_vs_raw_llamacpp"] = row["decode_tps"] / raw["decode_tps"] if raw else None
     result = {
         "benchmark": "decode", "model": "SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized)",
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
@@ -146,10 +201,12 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'engine':20s} {'batch':>5s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'decode x HF':>12s}")
+    print(f"{'engine':24s} {'batch':>5s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'decode x HF':>12s} "
+          f"{'x raw llama.cpp':>16s}")
     for r in sorted(rows, key=lambda r: (r["batch"], r["engine"])):
-        print(f"{r['engine']:20s} {r['batch']:5d} {r['prefill_tps']:14.1f} {r['decode_tps']:13.1f} "
-              f"{r['decode_vs_transformers_fp32']:11.2f}x")
+        raw = f"{r['decode_vs_raw_llamacpp']:15.2f}x" if r.get("decode_vs_raw_llamacpp") else f"{'':16s}"
+        print(f"{r['engine']:24s} {r['batch']:5d} {r['prefill_tps']:14.1f} {r['decode_tps']:13.1f} "
+              f"{r['decode_vs_transformers_fp32']:11.2f}x {raw}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Serving under load: 32 concurrent streaming chat requests against `slm serve` on loopback, the
 same requests one after another, and a sweep of bad requests.
 
-    python bench/serve.py [--requests 32] [--max-tokens 64] [--max-batch 16] [--dtype float32]
+    python bench/serve.py [--requests 32] [--max-tokens 64] [--max-batch 32] [--engines torch,llamacpp]
 
 The server runs in its own process (`slm serve`); the official `openai` client streams each
 request from a thread of this process and records its time to first token and total latency.
 Prompts are the shared Self-Instruct user-oriented instructions (greedy decoding, so both passes
 generate the same answers). Aggregate throughput = completion tokens / wall time, concurrent vs
-sequential in this run (target: at least 3x). Then every bad request of the sweep must get a 4xx
+sequential in this run (target: at least 3x), for each engine in turn (torch: slmkit's PyTorch
+engine on fp32 weights; llamacpp: llama.cpp on the bundled GGUF as it is), and llama.cpp's
+concurrent throughput against torch's (target: 2x), and torch's TTFT p50 (target: <= 3 s). Then every bad request of the sweep must get a 4xx
 JSON error and the server must still answer /health. Writes bench/results/serve.json.
 """
 
@@ -29,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from slmkit.data.shared import shared_data_dir  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from decode import cpu_name  # noqa: E402
 
 BAD_REQUESTS = {  # name -> (raw body, content type)
     "malformed JSON": b'{"model": "M", "messages": [',
@@ -60,12 +65,13 @@ def prompts(count: int) -> list[str]:
     return out
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, engine: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "slmkit.cli", "serve", f"{args.name}={args.model}", "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.requests * 2), "--dtype", args.dtype]
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.requests * 2), "--dtype", args.dtype,
+               "--engine", engine, "--context", str(args.context)]
     server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -154,38 +160,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16, help="the server's decode batch")
+    parser.add_argument("--max-batch", type=int, default=32, help="the server's decode batch (32: every request "
+                        "joins at once, so time to first token is one batched prefill, not a wait in the queue)")
+    parser.add_argument("--engines", default="torch,llamacpp", help="slm serve --engine values, one run each")
+    parser.add_argument("--context", type=int, default=1024, help="slm serve --context (tokens per request)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--name", default="smollm2")
     parser.add_argument("--dtype", default="float32", help="as slm serve's default (see its --help)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
     texts = prompts(args.requests)
-    server, url = start_server(args)
-    try:
-        run_pass(url, args.name, texts[:2], 8, concurrent=False)  # warm-up
-        together = run_pass(url, args.name, texts, args.max_tokens, concurrent=True)
-        alone = run_pass(url, args.name, texts, args.max_tokens, concurrent=False)
-        sweep = bad_input_sweep(url, args.name)
-        metrics = httpx.get(url + "/metrics", timeout=10).text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    same = sum(a == b for a, b in zip(together.pop("texts"), alone.pop("texts")))
-    speedup = together["tokens_per_s"] / alone["tokens_per_s"]
+    runs, sweep = {}, None
+    for engine in args.engines.split(","):
+        server, url = start_server(args, engine)
+        try:
+            run_pass(url, args.name, texts[:2], 8, concurrent=False)  # warm-up
+            together = run_pass(url, args.name, texts, args.max_tokens, concurrent=True)
+            alone = run_pass(url, args.name, texts, args.max_tokens, concurrent=False)
+            sweep = sweep or bad_input_sweep(url, args.name)
+            peak = peak_rss_mib(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        same = sum(a == b for a, b in zip(together.pop("texts"), alone.pop("texts")))
+        runs[engine] = {"concurrent": together, "sequential": alone, "same_answers": same, "peak_rss_mib": peak,
+                        "throughput_x": together["tokens_per_s"] / alone["tokens_per_s"]}
+    targets = {"zero_errors": all(r[p]["errors"] == 0 for r in runs.values() for p in ("concurrent", "sequential")),
+               "bad_input_all_4xx_json": all(400 <= v["status"] < 500 and v["json_error"]
+                                             for k, v in sweep.items() if k != "healthy_after"),
+               "healthy_after_sweep": sweep["healthy_after"]}
+    for engine, r in runs.items():
+        targets[f"{engine}_concurrent_3x_sequential"] = r["throughput_x"] >= 3.0
+    if "torch" in runs:
+        targets["torch_ttft_p50_le_3s"] = (runs["torch"]["concurrent"]["ttft_p50_s"] or 1e9) <= 3.0
+    if {"torch", "llamacpp"} <= set(runs):
+        ratio = runs["llamacpp"]["concurrent"]["tokens_per_s"] / runs["torch"]["concurrent"]["tokens_per_s"]
+        targets["llamacpp_aggregate_2x_torch"] = ratio >= 2.0
     report = {"bench": "serve", "model": args.model, "dtype": args.dtype, "max_batch": args.max_batch,
-              "requests": args.requests, "max_tokens": args.max_tokens, "concurrent": together, "sequential": alone,
-              "throughput_x": speedup, "same_answers": same, "bad_input": sweep,
-              "max_batch_seen_metric": [line for line in metrics.splitlines() if line.startswith("slmkit_requests_total")][:4],
-              "targets": {"zero_errors": together["errors"] == 0 and alone["errors"] == 0,
-                          "throughput_3x": speedup >= 3.0,
-                          "bad_input_all_4xx_json": all(400 <= v["status"] < 500 and v["json_error"]
-                                                        for k, v in sweep.items() if k != "healthy_after"),
-                          "healthy_after_sweep": sweep["healthy_after"]},
+              "context": args.context, "requests": args.requests, "max_tokens": args.max_tokens, "engines": runs,
+              "bad_input": sweep, "targets": targets, "machine": cpu_name(),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The server process's peak resident memory (VmHWM), read before it is stopped."""
+    try:
+        line = next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
 
 
 def print_report(report: dict) -> None:
@@ -193,18 +219,21 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report['requests']} streaming chat requests, {report['max_tokens']} tokens each "
-                        f"({report['model']}, {report['dtype']}, batch {report['max_batch']})")
-    for column in ("pass", "errors", "tokens", "wall s", "tok/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99"):
-        table.add_column(column, justify="left" if column == "pass" else "right")
-    for name in ("concurrent", "sequential"):
-        r = report[name]
-        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        table.add_row(name, str(r["errors"]), str(r["completion_tokens"]), f"{r['wall_s']:.1f}",
-                      f"{r['tokens_per_s']:.1f}", fmt(r["ttft_p50_s"]), fmt(r["ttft_p99_s"]),
-                      fmt(r["latency_p50_s"]), fmt(r["latency_p99_s"]))
+                        f"({report['model']}, batch {report['max_batch']})")
+    for column in ("engine", "pass", "errors", "tokens", "wall s", "tok/s", "TTFT p50", "TTFT p99", "latency p50",
+                   "latency p99", "peak RSS MiB"):
+        table.add_column(column, justify="left" if column in ("engine", "pass") else "right")
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    for engine, run in report["engines"].items():
+        for name in ("concurrent", "sequential"):
+            r = run[name]
+            table.add_row(engine, name, str(r["errors"]), str(r["completion_tokens"]), f"{r['wall_s']:.1f}",
+                          f"{r['tokens_per_s']:.1f}", fmt(r["ttft_p50_s"]), fmt(r["ttft_p99_s"]),
+                          fmt(r["latency_p50_s"]), fmt(r["latency_p99_s"]), fmt(run["peak_rss_mib"]))
     Console().print(table)
-    print(f"aggregate throughput: {report['throughput_x']:.2f}x sequential; identical answers "
-          f"{report['same_answers']}/{report['requests']}")
+    for engine, run in report["engines"].items():
+        print(f"{engine}: concurrent {run['throughput_x']:.2f}x sequential; identical answers "
+              f"{run['same_answers']}/{report['requests']}")
     sweep = Table(title="bad-input sweep")
     for column in ("request", "status", "OpenAI error JSON", "code"):
         sweep.add_column(column)

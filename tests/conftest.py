@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# llama.cpp exports made by the tests go to a throwaway cache, not the user's ~/.cache/slmkit
+os.environ.setdefault("SLMKIT_CACHE", tempfile.mkdtemp(prefix="slmkit-test-cache-"))
 
 # Said by every llama.cpp test that skips on a machine without the extra (CI installs it: .ci/run).
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (builds llama.cpp; CI has it)"

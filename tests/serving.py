@@ -58,3 +58,18 @@ def smollm2_backend(name: str = "smollm2"):
 
     smol = load("smollm2-135m-instruct", dtype=torch.bfloat16)
     return LocalBackend(name, smol.model, smol.tokenizer)
+
+
+def disconnect_mid_stream(server, deadline_s: float = 20) -> int:
+    """Start a long streamed completion, drop the connection after its first line, and return how
+    many rows the scheduler still runs once it has had `deadline_s` to notice (0 when freed)."""
+    import httpx
+
+    body = {"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())
+    deadline = time.time() + deadline_s
+    while server.backend.scheduler.active and time.time() < deadline:
+        time.sleep(0.05)
+    return server.backend.scheduler.active

@@ -290,7 +290,7 @@ def test_serve_holds_one_base_for_several_adapters_and_answers_with_each(tmp_pat
     args = SimpleNamespace(route=[], models=[f"base={tmp_path / 'base'}", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
                            dtype="float32", max_batch=4, max_queue=8, context=None)
     backends = build_backends(args)
-    models = {name: backends[name].scheduler.model for name in ("base", "a", "b")}
+    models = {name: backends[name].scheduler.runner.model for name in ("base", "a", "b")}
     embed = models["base"].model.embed_tokens.weight
     assert all(m.model.embed_tokens.weight is embed for m in models.values())
     q = [m.model.layers[0].self_attn.q_proj for m in models.values()]

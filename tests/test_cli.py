@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,6 +54,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     taken = slm("convert", "tiny", str(tmp_path / "taken.txt"))
     assert taken.returncode == 2 and "existing file" in taken.stderr and "Traceback" not in taken.stderr
     assert taken.stderr.strip().count("\n") == 0 and (tmp_path / "taken.txt").read_text() == "keep me"
+    schema = slm("generate", "smollm2-135m-instruct", "hi", "--json-schema", "{'type': 'object'}")  # before loading
+    assert schema.returncode == 2 and "--json-schema is not valid JSON" in schema.stderr
+    spec = slm("generate", "smollm2-135m-instruct", "hi", "--speculate", "ngram")
+    assert spec.returncode == 2 and "give 'lookup' or 'draft=MODEL'" in spec.stderr
+    both = slm("generate", "smollm2-135m-instruct", "hi", "--json", "--choices", "a,b")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
 def test_generate_info_and_convert_on_a_tiny_model(tmp_path, tiny_tokenizer):
@@ -62,9 +69,33 @@ def test_generate_info_and_convert_on_a_tiny_model(tmp_path, tiny_tokenizer):
 
     model = random_model(get_preset("tiny").config, seed=0)
     save_hf(model, tiny_tokenizer, tmp_path / "hf")
-    out = slm("generate", str(tmp_path / "hf"), "Once upon a time", "--max-tokens", "5", "--dtype", "float32")
+    out = slm("generate", str(tmp_path / "hf"), "Once upon a time", "--max-tokens", "5", "--dtype", "float32",
+              "--engine", "torch")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Once upon a time") and "tokens/s" in out.stderr
+    llama = slm("generate", str(tmp_path / "hf"), "Once upon a time", "--max-tokens", "5", "--engine", "llamacpp")
+    if importlib.util.find_spec("llama_cpp") is None:  # without the extra: a one-line refusal naming it
+        assert llama.returncode == 2 and "pip install -e '.[llamacpp]'" in llama.stderr
+    else:
+        assert llama.returncode == 0 and "exporting" in llama.stderr and "tokens/s" in llama.stderr, llama.stderr
+        assert llama.stdout.startswith("Once upon a time")
+    compiled = slm("generate", str(tmp_path / "hf"), "hi", "--engine", "llamacpp", "--compile")
+    assert compiled.returncode == 2 and "--compile is a torch-engine option" in compiled.stderr
+    label = slm("generate", str(tmp_path / "hf"), "Is it good?", "--choices", "yes,no,maybe", "--temperature", "1",
+                "--seed", "3", "--dtype", "float32")
+    assert label.returncode == 0, label.stderr
+    assert label.stdout.strip().removeprefix("Is it good?") in ("yes", "no", "maybe")
+    other = tmp_path / "other-tokenizer"
+    save_hf(model, tiny_tokenizer, other)
+    conf = json.loads((other / "tokenizer.json").read_text())
+    conf["model"]["vocab"] = {f"x{t}": i for t, i in conf["model"]["vocab"].items()}  # same ids, other strings
+    conf["model"]["merges"] = []
+    (other / "tokenizer.json").write_text(json.dumps(conf))
+    refused = slm("generate", str(tmp_path / "hf"), "hi", "--speculate", f"draft={other}", "--dtype", "float32")
+    assert refused.returncode == 2 and "another tokenizer" in refused.stderr
+    fast = slm("generate", str(tmp_path / "hf"), "1 2 3 1 2 3 1 2", "--speculate", "lookup", "--max-tokens", "12",
+               "--dtype", "float32")
+    assert fast.returncode == 0 and "drafted tokens kept" in fast.stderr, fast.stderr
     card = slm("info", str(tmp_path / "hf"))
     assert card.returncode == 0 and "106,816" in card.stdout
     converted = slm("convert", str(tmp_path / "hf"), str(tmp_path / "tiny.gguf"), "--type", "f32")

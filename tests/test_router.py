@@ -141,7 +141,7 @@ def test_route_eval_curve_runs_from_all_local_to_all_remote(local_backend, remot
     from slmkit.evals.tasks import make_task
     from slmkit.serve.route_eval import route_eval, save
 
-    local = LocalLM(local_backend.scheduler.model, local_backend.tokenizer)
+    local = LocalLM(local_backend.scheduler.runner.model, local_backend.tokenizer)
     remote = EndpointLM(remote_server.url + "/v1", model="smollm2")
     result = route_eval(local, remote, make_task("arc_easy", data_dir / "eval"), 12, [-1e9, -3.0, 1e9],
                         progress=False)
@@ -166,3 +166,21 @@ def test_bad_serve_arguments_fail_before_serving(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_remote_requests_carry_penalties_bias_and_structured_output():
+    from slmkit.infer.constrain import OutputFormat
+    from slmkit.serve.backend import Prompt, Settings
+    from slmkit.serve.remote import RemoteRun
+
+    remote = RemoteBackend("http://127.0.0.1:9/v1", "big")
+    chat = Prompt(messages=[{"role": "user", "content": "hi"}])
+    schema = {"type": "object"}
+    settings = Settings(8, frequency_penalty=0.5, logit_bias={7: -100.0},
+                        output_format=OutputFormat("json_schema", schema=schema))
+    path, body = RemoteRun(remote, chat, settings)._request()
+    assert path == "/chat/completions" and body["frequency_penalty"] == 0.5 and body["logit_bias"] == {"7": -100.0}
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    labels = Settings(8, output_format=OutputFormat("choices", choices=("yes", "no")))
+    assert RemoteRun(remote, chat, labels)._request()[1]["guided_choice"] == ["yes", "no"]
+    assert "response_format" not in RemoteRun(remote, chat, Settings(8))._request()[1]

@@ -15,7 +15,7 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from serving import served  # noqa: E402
+from serving import disconnect_mid_stream, served  # noqa: E402
 
 from slmkit.serve.backend import LocalBackend  # noqa: E402
 
@@ -124,8 +124,15 @@ BAD_REQUESTS = [
     ("deep nesting", b'{"model": "smollm2", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
     ("endless number", b'{"model": "smollm2", "max_tokens": ' + b"9" * 10_000 + b"}", 400),
     ("unknown option", json.dumps({"model": "smollm2", "messages": QUESTION, "mirostat": 2}).encode(), 400),
-    ("JSON mode", json.dumps({"model": "smollm2", "messages": QUESTION,
-                              "response_format": {"type": "json_object"}}).encode(), 400),
+    ("unknown response_format", json.dumps({"model": "smollm2", "messages": QUESTION,
+                                            "response_format": {"type": "xml"}}).encode(), 400),
+    ("json_schema without schema", json.dumps({"model": "smollm2", "messages": QUESTION,
+                                               "response_format": {"type": "json_schema"}}).encode(), 400),
+    ("schema that cannot compile", json.dumps({"model": "smollm2", "messages": QUESTION, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}}).encode(), 400),
+    ("choice and format", json.dumps({"model": "smollm2", "messages": QUESTION, "guided_choice": ["a"],
+                                      "response_format": {"type": "json_object"}}).encode(), 400),
+    ("empty choice list", json.dumps({"model": "smollm2", "messages": QUESTION, "guided_choice": []}).encode(), 400),
     ("penalty out of range", json.dumps({"model": "smollm2", "messages": QUESTION,
                                          "frequency_penalty": 3}).encode(), 400),
     ("bias out of range", json.dumps({"model": "smollm2", "messages": QUESTION, "logit_bias": {"5": 150}}).encode(),
@@ -162,6 +169,35 @@ def test_penalties_and_logit_bias_change_the_answer(server, smol):
     assert fine.status_code == 200 and fine.json()["choices"][0]["text"] == plain
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "pets": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_structured_output_through_the_openai_client(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = server.client()
+    people = ["Tom, a 3 year old cat owner", "Ann, who is 31 and has two dogs", "Bob, 70, no pets"]
+    for who in people:
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": f"Describe {who} as JSON."}], max_tokens=80,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+    anything = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=60, temperature=0,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    labels = ["positive", "negative"]
+    review = [{"role": "user", "content": "Review: 'Cold soup, rude waiter.' Positive or negative?"}]
+    streamed = client.chat.completions.create(model="smollm2", messages=review, max_tokens=8, temperature=0.7,
+                                              seed=1, n=3, stream=True, extra_body={"guided_choice": labels})
+    texts = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert sorted(texts) == [0, 1, 2] and all(t in labels for t in texts.values())
+
+
 def test_openai_client_sees_errors_as_exceptions(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="not served here"):
@@ -191,14 +227,7 @@ def test_concurrent_requests_share_decode_steps_and_match_solo_answers(server):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    body = {"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0,
-            "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        next(r.iter_lines())
-    deadline = time.time() + 20
-    while server.backend.scheduler.active and time.time() < deadline:
-        time.sleep(0.1)
-    assert server.backend.scheduler.active == 0
+    assert disconnect_mid_stream(server) == 0
 
 
 def test_metrics_health_models_and_page(server):
@@ -282,6 +311,44 @@ def test_scheduler_rows_joining_midway_match_the_engine(tiny_model, weights):
         scheduler.close()
     assert [got[i] for i in range(len(prompts))] == expected
     assert scheduler.max_rows_seen >= 2
+
+
+def test_requests_that_arrive_together_share_one_prefill_and_match_the_engine(tiny_model):
+    """Prompts of different lengths prefilled in one left-padded pass decode as each would alone."""
+    from slmkit.infer.engine import Engine
+    from slmkit.infer.sampling import SamplingParams
+    from slmkit.serve.scheduler import Job, Scheduler
+
+    prompts = [[5, 9, 13], list(range(20, 60)), [7] * 11, list(range(100, 103))]
+    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=9, temperature=0.9, seed=4),
+              SamplingParams(max_new_tokens=12, repetition_penalty=1.3), SamplingParams(max_new_tokens=5)]
+    expected = [Engine(tiny_model).generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special=True):
+            return "".join(f"<{i}>" for i in ids)
+
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished = threading.Semaphore(0)
+
+    def collect(i):
+        def emit(event):
+            got[i].extend(t.token for t in event.tokens)
+            if event.kind == "done":
+                finished.release()
+        return emit
+
+    scheduler = Scheduler(tiny_model, Tok(), max_batch=4)
+    try:
+        scheduler.submit([Job(p, sp.max_new_tokens, sp, collect(i), top_logprobs=0)
+                          for i, (p, sp) in enumerate(zip(prompts, params))])
+        assert all(finished.acquire(timeout=60) for _ in prompts)
+    finally:
+        scheduler.close()
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert scheduler.prefills == 1
 
 
 def test_scheduler_applies_penalties_and_logit_bias_like_the_engine(tiny_model):

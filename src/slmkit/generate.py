@@ -12,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from slmkit.errors import SlmError
+from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.engine import Engine, Generation
 from slmkit.infer.sampling import SamplingParams
+from slmkit.infer.speculate import Drafter
+from slmkit.config import ModelConfig
 from slmkit.model import CausalLM
 from slmkit.tokenizer import Tokenizer
 
@@ -21,9 +24,9 @@ from slmkit.tokenizer import Tokenizer
 TextCallback = Callable[[int, str], None]
 
 
-def stop_token_ids(model: CausalLM, tokenizer: Tokenizer) -> list[int]:
+def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> list[int]:
     """The tokens that end a generation: the model's end-of-sequence ids and the tokenizer's."""
-    ids = set(model.config.eos_ids())
+    ids = set(config.eos_ids())
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
@@ -87,20 +90,23 @@ class Completion:
 
 
 class TextGenerator:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, max_seq_len: int | None = None,
-                 compile: bool = False):
+    def __init__(self, model: CausalLM | None, tokenizer: Tokenizer, max_seq_len: int | None = None,
+                 compile: bool = False, drafter: Drafter | None = None, draft_tokens: int = 4, engine=None):
+        """drafter: decode speculatively (`slmkit.infer.speculate`; same text, fewer passes).
+        engine: another runtime with Engine's `generate` (e.g. `LlamaCppEngine`); then `model` is unused."""
         if tokenizer is None:
             raise SlmError("this model has no tokenizer; text generation needs one (load a GGUF or an HF "
                            "directory with tokenizer.json)")
-        self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_seq_len, compile=compile)
+        self.tokenizer = tokenizer
+        self.engine = engine or Engine(model, max_seq_len, compile=compile, drafter=drafter, draft_tokens=draft_tokens)
+        self.config: ModelConfig = self.engine.config
 
     @property
     def context_length(self) -> int:
         return self.engine.max_seq_len
 
     def stop_ids(self) -> list[int]:
-        return stop_token_ids(self.model, self.tokenizer)
+        return stop_token_ids(self.config, self.tokenizer)
 
     def encode_prompt(self, text: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -114,10 +120,14 @@ class TextGenerator:
         return ids
 
     def complete(self, prompts: list[str], params: SamplingParams, stop: list[str] = (),
-                 on_text: TextCallback | None = None, truncate: bool = False) -> list[Completion]:
-        """Continue each prompt; the model's end-of-sequence tokens stop it as well as `stop` strings."""
-        ids = [self.encode_prompt(p, params.max_new_tokens, truncate) for p in prompts]
+                 on_text: TextCallback | None = None, truncate: bool = False,
+                 output_format: OutputFormat | None = None) -> list[Completion]:
+        """Continue each prompt; the model's end-of-sequence tokens stop it as well as `stop` strings.
+
+        output_format: the text must be JSON (optionally valid under a schema) or one of a set of labels."""
         params = replace(params, stop_token_ids=sorted({*params.stop_token_ids, *self.stop_ids()}))
+        grammar = self.grammar(output_format, params.stop_token_ids) if output_format else None
+        ids = [self.encode_prompt(p, params.max_new_tokens, truncate) for p in prompts]
         streams = [TextStream(self.tokenizer, list(stop)) for _ in prompts]
 
         def on_token(row: int, token: int) -> bool:
@@ -126,7 +136,8 @@ class TextGenerator:
                 on_text(row, piece)
             return streams[row].stopped
 
-        results = self.engine.generate(ids, params, on_token)
+        matchers = [grammar.matcher() for _ in prompts] if grammar else None
+        results = self.engine.generate(ids, params, on_token, matchers)
         out = []
         for row, (stream, gen) in enumerate(zip(streams, results)):
             rest = stream.finish()
@@ -135,11 +146,15 @@ class TextGenerator:
             out.append(Completion(stream.text, gen.tokens, gen.finish_reason, gen.prompt_tokens, gen))
         return out
 
+    def grammar(self, output_format: OutputFormat, stop_ids: list[int]) -> Grammar:
+        """The format compiled for this model's tokens (an SlmError naming the problem if it cannot be)."""
+        return Grammar(output_format, self.tokenizer, self.config.vocab_size, stop_ids)
+
     def chat(self, messages: list[dict], params: SamplingParams, stop: list[str] = (),
-             on_text: TextCallback | None = None) -> Completion:
+             on_text: TextCallback | None = None, output_format: OutputFormat | None = None) -> Completion:
         """One assistant reply to `messages`, rendered with the model's chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.complete([prompt], params, stop, on_text)[0]
+        return self.complete([prompt], params, stop, on_text, output_format=output_format)[0]
 
     def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
         """Drop the oldest turns (never the system prompt or the last message) until the prompt fits.

@@ -6,7 +6,9 @@ left-padded into one batch; padded slots are masked and RoPE positions count rea
 so every row gets exactly what it would get alone.
 
 For one prompt, the cache is kept between calls and the longest shared prefix is reused, so a
-chat turn only prefills what is new.
+chat turn only prefills what is new. A single prompt may also be decoded speculatively: a drafter
+(`slmkit.infer.speculate`) guesses the next tokens, one forward pass verifies them all, and the
+text is the one plain decoding would give.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from slmkit.compress.quant.fused import unfuse_shared_inputs
 from slmkit.errors import SlmError
+from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
+from slmkit.infer.speculate import Drafter
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.model import CausalLM, KVCache
 
@@ -34,6 +38,8 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    drafted: int = 0  # speculative decoding: tokens the drafter proposed ...
+    accepted: int = 0  # ... and how many of them the model kept
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -50,9 +56,10 @@ def default_cache_dtype(model: CausalLM) -> torch.dtype:
 
 class Engine:
     def __init__(self, model: CausalLM, max_seq_len: int | None = None, cache_dtype: torch.dtype | None = None,
-                 compile: bool = False):
+                 compile: bool = False, drafter: Drafter | None = None, draft_tokens: int = 4):
         """compile: run decode steps through `torch.compile` (fuses the many small per-layer ops that
-        dominate batch-1 decoding on a CPU; costs about a minute of compilation on first use)."""
+        dominate batch-1 decoding on a CPU; costs about a minute of compilation on first use).
+        drafter: decode single prompts speculatively, verifying up to `draft_tokens` guesses per pass."""
         self.model = prepare_for_cpu_inference(model.eval())
         self.decode_step = self.model
         if compile:
@@ -63,6 +70,11 @@ class Engine:
         self.cache_dtype = cache_dtype or default_cache_dtype(model)
         self.cache: KVCache | None = None
         self.cached_tokens: list[int] = []  # what the cache holds, for batch-1 prefix reuse
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+
+    @property
+    def config(self):
+        return self.model.config
 
     def reset(self) -> None:
         """Forget what the cache holds (the next prompt is prefilled from scratch)."""
@@ -71,14 +83,7 @@ class Engine:
     # -- checks and setup -----------------------------------------------------------------------
 
     def check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise SlmError("the prompt is empty; give at least one token")
-        if len(prompt) >= self.max_seq_len:
-            raise SlmError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_seq_len} "
-                           "(and needs room for one new token); shorten it or ask for truncation")
-        vocab = self.model.config.vocab_size
-        if max(prompt) >= vocab or min(prompt) < 0:
-            raise SlmError(f"token ids must be in [0, {vocab}); got {min(prompt)}..{max(prompt)}")
+        check_prompt(prompt, self.max_seq_len, self.model.config.vocab_size)
 
     def _cache_for(self, batch: int, needed: int) -> KVCache:
         """Reuse the cache when it fits; otherwise allocate, rounded up to 256 slots to reuse later."""
@@ -93,7 +98,11 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 on_token: TokenCallback | None = None) -> list[Generation]:
+                 on_token: TokenCallback | None = None,
+                 matchers: list[TokenMatcher] | None = None) -> list[Generation]:
+        """matchers: one per prompt, to keep each row's text inside a grammar (structured output)."""
+        if matchers is not None and len(matchers) != len(prompts):
+            raise SlmError(f"{len(matchers)} output matchers for {len(prompts)} prompts; give one per prompt")
         for p in prompts:
             self.check_prompt(p)
         params.check_vocab(self.model.config.vocab_size)
@@ -104,7 +113,10 @@ class Engine:
         start = time.perf_counter()
         logits, positions = self._prefill(cache, prompts)
         prefill_s = time.perf_counter() - start
-        out = self._decode(cache, prompts, logits, positions, budget, params, on_token)
+        if self.drafter is not None and len(prompts) == 1 and matchers is None:
+            out = [self._speculate(cache, prompts[0], logits, budget, params, on_token)]
+        else:
+            out = self._decode(cache, prompts, logits, positions, budget, params, on_token, matchers)
         decode_s = time.perf_counter() - start - prefill_s
         for g in out:
             g.prefill_seconds, g.decode_seconds = prefill_s, decode_s
@@ -141,20 +153,23 @@ class Engine:
         self.cached_tokens = list(prompt)
         return logits[:, -1], torch.tensor([len(prompt)], device=device)
 
-    def _decode(self, cache, prompts, logits, positions, budget, params, on_token) -> list[Generation]:
+    def _decode(self, cache, prompts, logits, positions, budget, params, on_token, matchers) -> list[Generation]:
         batch = len(prompts)
         generator = make_generator(params.seed)
         stops = set(params.stop_token_ids)
-        history = self._history(prompts, logits.device) if params.repetition_penalty != 1.0 else None
+        history = prompt_history(prompts, logits.device) if params.repetition_penalty != 1.0 else None
         counts = torch.zeros_like(logits, dtype=torch.float32) if params.penalizes_counts else None  # (B, V)
         results = [Generation([], "length", len(p)) for p in prompts]
         done = [False] * batch
         while True:
-            token = sample(logits, params, generator, history, counts)  # (B,)
+            allowed = torch.stack([m.allowed() for m in matchers]) if matchers else None  # (B, V)
+            token = sample(logits, params, generator, history, counts, allowed)  # (B,)
             counts = count_tokens(counts, token)
             for row, tok in enumerate(token.tolist()):
                 if not done[row]:
-                    done[row] = self._accept(results[row], row, tok, stops, budget, on_token)
+                    if matchers and tok not in stops:
+                        matchers[row].advance(tok)
+                    done[row] = accept_token(results[row], row, tok, stops, budget, on_token)
             if all(done):
                 break
             if history is not None:
@@ -167,22 +182,74 @@ class Engine:
                 self.cached_tokens.append(results[0].tokens[-1])
         return results
 
-    @staticmethod
-    def _accept(result: Generation, row: int, tok: int, stops: set[int], budget: int, on_token) -> bool:
-        """Record a sampled token; True when the row is finished."""
-        if tok in stops:
-            result.finish_reason = "stop"
-            return True
-        result.tokens.append(tok)
-        if on_token is not None and on_token(row, tok):
-            result.finish_reason = "stop"
-            return True
-        return len(result.tokens) >= budget
+    def _speculate(self, cache, prompt, logits, budget, params, on_token) -> Generation:
+        """Batch-1 decoding that feeds [last token, guesses...] in one pass and keeps the guesses the
+        model itself picks (each position sampled exactly as `_decode` would, see `speculate`)."""
+        result = Generation([], "length", len(prompt))
+        generator, stops = make_generator(params.seed), set(params.stop_token_ids)
+        seen = list(prompt)  # prompt + chosen tokens (the repetition penalty's history)
+        counts = torch.zeros_like(logits, dtype=torch.float32) if params.penalizes_counts else None
 
-    @staticmethod
-    def _history(prompts: list[list[int]], device) -> torch.Tensor:
-        """(B, L) ids seen so far; short rows are padded with their own first token (a no-op for
-        the repetition penalty, which only asks whether a token occurred)."""
-        longest = max(len(p) for p in prompts)
-        rows = [[p[0]] * (longest - len(p)) + list(p) for p in prompts]
-        return torch.tensor(rows, device=device)
+        def choose(row_logits: torch.Tensor) -> int:  # row_logits (1, V)
+            nonlocal counts
+            history = torch.tensor([seen], device=row_logits.device) if params.repetition_penalty != 1.0 else None
+            token = sample(row_logits, params, generator, history, counts)
+            counts = count_tokens(counts, token)
+            seen.append(int(token[0]))
+            return seen[-1]
+
+        token = choose(logits)
+        while not accept_token(result, 0, token, stops, budget, on_token):
+            room = min(budget - len(result.tokens), cache.max_len - cache.length) - 1  # slots past `token`
+            draft = self.drafter.propose(seen, min(self.draft_tokens, room))
+            start = cache.length
+            out = self.decode_step(torch.tensor([[token, *draft]], device=logits.device), cache=cache)[0]  # (1+k, V)
+            result.drafted += len(draft)
+            kept, finished = 0, False
+            for i, guess in enumerate(draft):
+                token = choose(out[i:i + 1])
+                if token != guess:
+                    break
+                kept += 1
+                if accept_token(result, 0, guess, stops, budget, on_token):
+                    finished = True
+                    break
+            else:
+                token = choose(out[len(draft):])  # every guess kept: the pass also gives the next token
+            result.accepted += kept
+            cache.length = start + 1 + kept  # forget the slots of rejected guesses
+            if finished:
+                break
+        self.cached_tokens = seen[:cache.length]
+        return result
+
+
+def accept_token(result: Generation, row: int, tok: int, stops: set[int], budget: int, on_token) -> bool:
+    """Record a sampled token in `result`; True when the row is finished."""
+    if tok in stops:
+        result.finish_reason = "stop"
+        return True
+    result.tokens.append(tok)
+    if on_token is not None and on_token(row, tok):
+        result.finish_reason = "stop"
+        return True
+    return len(result.tokens) >= budget
+
+
+def prompt_history(prompts: list[list[int]], device=None) -> torch.Tensor:
+    """(B, L) ids seen so far; short rows are padded with their own first token (a no-op for
+    the repetition penalty, which only asks whether a token occurred)."""
+    longest = max(len(p) for p in prompts)
+    rows = [[p[0]] * (longest - len(p)) + list(p) for p in prompts]
+    return torch.tensor(rows, device=device)
+
+
+def check_prompt(prompt: list[int], context: int, vocab_size: int) -> None:
+    """A one-line SlmError when token ids cannot be a prompt for this model and context."""
+    if not prompt:
+        raise SlmError("the prompt is empty; give at least one token")
+    if len(prompt) >= context:
+        raise SlmError(f"the prompt has {len(prompt)} tokens but the context holds {context} "
+                       "(and needs room for one new token); shorten it or ask for truncation")
+    if max(prompt) >= vocab_size or min(prompt) < 0:
+        raise SlmError(f"token ids must be in [0, {vocab_size}); got {min(prompt)}..{max(prompt)}")

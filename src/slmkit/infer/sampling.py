@@ -1,6 +1,7 @@
 """Choosing the next token: a pure function of (logits, params, generator, history).
 
-Repetition penalty -> frequency/presence penalties -> logit bias, then greedy when temperature is 0;
+Repetition penalty -> frequency/presence penalties -> logit bias -> the structured-output mask,
+then greedy when temperature is 0;
 otherwise temperature -> top-k -> top-p -> a draw from `generator`, so a seed reproduces a sample
 exactly. The repetition penalty follows transformers' logits processor (it divides positive logits
 and multiplies negative ones, over every token already in the sequence, prompt included); the
@@ -121,11 +122,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           history: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+           history: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V).
 
     history (B, L): every token id so far, prompt included (repetition penalty); counts (B, V): how
-    often each token was generated (frequency/presence penalties; see `count_tokens`)."""
+    often each token was generated (frequency/presence penalties; see `count_tokens`); allowed
+    (B, V) bool: the only tokens that may be chosen (structured output, `slmkit.infer.constrain`)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
@@ -133,6 +136,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_count_penalties(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.logit_bias:
         logits = apply_logit_bias(logits, params.logit_bias)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         return logits.argmax(-1)
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)

@@ -147,17 +147,13 @@ async def _read(request: Request, model_cls, max_body: int):
     if unknown := body.unsupported_fields:
         raise ApiError(400, f"unrecognized request argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
                        "this server does not implement it; leave it out", param=unknown[0], code="unsupported_parameter")
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise ApiError(400, f"response_format type '{fmt}' is not supported by this server yet (structured output "
-                       "is not implemented); leave response_format out or use type 'text'", param="response_format",
-                       code="unsupported_parameter")
+    body.output_format  # a bad response_format / guided_choice is refused here, before any work
     return body
 
 
-def _penalties(body) -> tuple[float, float, dict[int, float]]:
-    """(frequency_penalty, presence_penalty, logit_bias) in Settings' order."""
-    return body.frequency_penalty, body.presence_penalty, dict(body.logit_bias or {})
+def _penalties(body) -> tuple:
+    """(frequency_penalty, presence_penalty, logit_bias, output_format) in Settings' order."""
+    return body.frequency_penalty, body.presence_penalty, dict(body.logit_bias or {}), body.output_format
 
 
 def _backend(backends: dict, name: str):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from slmkit.errors import SlmError
 from slmkit.generate import stop_token_ids
+from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
@@ -37,6 +38,7 @@ class Settings:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    output_format: OutputFormat | None = None  # JSON / JSON Schema / one of a set of labels
 
 
 @dataclass
@@ -54,12 +56,13 @@ class LocalBackend:
         if tokenizer is None:
             raise SlmError(f"model '{name}' has no tokenizer; serving needs one")
         self.name, self.tokenizer = name, tokenizer
-        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, stop_token_ids(model, tokenizer))
+        self.stop_ids = stop_token_ids(model.config, tokenizer)
+        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids)
         self.context = self.scheduler.context
 
     def encode(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
-            vocab = self.scheduler.model.config.vocab_size
+            vocab = self.scheduler.config.vocab_size
             if any(not 0 <= t < vocab for t in prompt.token_ids):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             return list(prompt.token_ids)
@@ -74,7 +77,7 @@ class LocalBackend:
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         try:  # the sampler's own check, answered as a 400
-            SamplingParams(logit_bias=settings.logit_bias).check_vocab(self.scheduler.model.config.vocab_size)
+            SamplingParams(logit_bias=settings.logit_bias).check_vocab(self.scheduler.config.vocab_size)
         except SlmError as error:
             raise ApiError(400, str(error), param="logit_bias") from None
         max_tokens = self.context - len(ids) if settings.max_tokens is None else settings.max_tokens
@@ -84,10 +87,20 @@ class LocalBackend:
             raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
         return max_tokens
 
+    def grammar(self, fmt: OutputFormat | None) -> Grammar | None:
+        """The output format compiled for this model's tokens; a 400 when it cannot be."""
+        if fmt is None:
+            return None
+        try:
+            return Grammar(fmt, self.tokenizer, self.scheduler.config.vocab_size, self.stop_ids)
+        except SlmError as error:
+            raise ApiError(400, str(error), param="guided_choice" if fmt.kind == "choices" else "response_format") from None
+
     def start(self, prompt: Prompt, settings: Settings) -> LocalRun:
         """Validate and encode now (so errors come before any streaming); generate when iterated."""
         ids = self.encode(prompt)
-        return LocalRun(self, ids, self.check(ids, settings), settings, prompt.text or "")
+        max_tokens = self.check(ids, settings)
+        return LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(settings.output_format))
 
     def close(self) -> None:
         self.scheduler.close()
@@ -104,8 +117,10 @@ class LocalRun:
 
     route: dict | None = None  # set by the router
 
-    def __init__(self, backend: LocalBackend, ids: list[int], max_tokens: int, settings: Settings, prompt_text: str):
+    def __init__(self, backend: LocalBackend, ids: list[int], max_tokens: int, settings: Settings, prompt_text: str,
+                 grammar: Grammar | None = None):
         self.backend, self.ids, self.max_tokens, self.settings = backend, ids, max_tokens, settings
+        self.grammar = grammar
         self.prompt_text, self.answered_by = prompt_text, backend.name
         self.jobs: list[Job] = []
 
@@ -121,7 +136,7 @@ class LocalRun:
             seeded = params if settings.seed is None else replace(params, seed=settings.seed + index)
             self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), settings.stop,
                                  settings.top_logprobs, settings.echo and settings.top_logprobs is not None,
-                                 deadline))
+                                 deadline, matcher=self.grammar.matcher() if self.grammar else None))
         try:
             self.backend.scheduler.submit(self.jobs)
         except QueueFull as error:

@@ -32,14 +32,15 @@ class BatchCache:
     def length(self) -> int:
         return self.cache.length if self.cache is not None else 0
 
-    def add(self, single: KVCache) -> int:
-        """Append a prefilled one-row cache as a new row; returns its row index."""
-        n = single.length
+    def add(self, prefilled: KVCache, row: int = 0, first_slot: int = 0) -> int:
+        """Append row `row` of a prefilled cache, whose tokens fill slots [first_slot, length) (a left-
+        padded prefill of several prompts), as a new row; returns its index in the batch."""
+        n = prefilled.length - first_slot
         old, rows, length = self.cache, self.rows, max(self.length, n)
         new = self._allocate(rows + 1, length + HEADROOM, length)
         if old is not None:  # old rows move right so that they still end at `length`
             _copy_slots(new, slice(0, rows), length - old.length, old, slice(None), slice(0, old.length))
-        _copy_slots(new, rows, length - n, single, 0, slice(0, n))
+        _copy_slots(new, rows, length - n, prefilled, row, slice(first_slot, prefilled.length))
         self.cache, self.rows = new, rows + 1
         return rows
 

@@ -5,8 +5,12 @@ A field we do not implement is refused with a 400 that names it, never silently 
 own API answers "Unrecognized request argument supplied" the same way): undeclared fields are
 collected by pydantic (`extra="allow"`) and `unsupported_fields` names them; only fields that
 change nothing about the answer (`metadata`, `store`, `service_tier`, `parallel_tool_calls` without
-tools) pass. Declared fields we cannot honour (`best_of`, `suffix`, tools, a `response_format`
-other than text) are refused where the request is answered.
+tools) pass. Declared fields we cannot honour (`best_of`, `suffix`, tools) are refused where the
+request is answered.
+
+Structured output: `response_format` {"type": "json_object"} or {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}} as in OpenAI's API, and `guided_choice` (a list of
+labels, vLLM's name for it; send it with the openai client's `extra_body`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmkit.errors import SlmError
+from slmkit.infer.constrain import OutputFormat
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
@@ -60,6 +67,7 @@ class _Common(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = None  # token id (a JSON string key) -> bias in [-100, 100]
     response_format: dict | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("logit_bias")
     @classmethod
@@ -74,6 +82,25 @@ class _Common(BaseModel):
         """Fields the request sent that this server does not know (each would otherwise be ignored)."""
         return sorted(set(self.model_extra or {}) - HARMLESS_FIELDS)
 
+    @property
+    def output_format(self) -> OutputFormat | None:
+        """What `response_format` / `guided_choice` ask for (None: free text); a 400 naming the problem."""
+        fmt = dict(self.response_format or {"type": "text"})
+        kind = fmt.get("type")
+        if self.guided_choice is not None:
+            if kind != "text":
+                raise ApiError(400, "give either guided_choice or a response_format, not both", param="guided_choice")
+            return _format("choices", choices=tuple(self.guided_choice), param="guided_choice")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return OutputFormat("json_object")
+        if kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            return _format("json_schema", schema=schema, param="response_format")
+        raise ApiError(400, f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+                       param="response_format", code="unsupported_parameter")
+
     @field_validator("stop")
     @classmethod
     def _at_most_four(cls, stop):
@@ -85,6 +112,14 @@ class _Common(BaseModel):
     @property
     def stops(self) -> list[str]:
         return list(self.stop or [])
+
+
+def _format(kind: str, param: str, **fields) -> OutputFormat:
+    """OutputFormat(kind, **fields), its refusal answered as a 400 on `param`."""
+    try:
+        return OutputFormat(kind, **fields)
+    except SlmError as error:
+        raise ApiError(400, str(error), param=param) from None
 
 
 class CompletionRequest(_Common):

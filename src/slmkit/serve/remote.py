@@ -67,6 +67,7 @@ class RemoteRun:
             body["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
         if s.max_tokens is not None:
             body["max_tokens"] = s.max_tokens
+        body.update(_format_fields(s.output_format))
         if chat:
             body["messages"] = self.prompt.messages
             body["stream_options"] = {"include_usage": True}
@@ -125,3 +126,14 @@ class RemoteRun:
 
     async def aclose(self) -> None:
         pass
+
+
+def _format_fields(fmt) -> dict:
+    """The request fields that ask a remote server for the same structured output."""
+    if fmt is None:
+        return {}
+    if fmt.kind == "choices":
+        return {"guided_choice": list(fmt.choices)}  # vLLM's (and slmkit's) field
+    if fmt.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema}}}

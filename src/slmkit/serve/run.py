@@ -8,6 +8,8 @@ from pathlib import Path
 from slmkit.errors import SlmError
 from slmkit.presets import DEFAULT_MODEL
 
+LLAMACPP_SERVE_CONTEXT = 2048  # default tokens per request on the llama.cpp engine (see load_backend)
+
 
 def parse_model_specs(specs: list[str]) -> dict[str, str]:
     """["NAME=MODEL" or "MODEL", ...] -> {name: model}; a bare MODEL is named after its file or preset."""
@@ -57,8 +59,17 @@ class ModelPool:
 def load_backend(name: str, model: str, args, pool: ModelPool | None = None):
     import torch
 
+    from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, runtime_files
     from slmkit.serve.backend import LocalBackend
+    from slmkit.serve.runners import LlamaCppRunner
 
+    if choose_engine(getattr(args, "engine", "torch"), model) == "llamacpp":
+        gguf, config, tokenizer = runtime_files(model, args.gguf_type)
+        # llama.cpp reserves every sequence's KV cache up front: a model's full context (8k for SmolLM2)
+        # times 8-32 sequences would take gigabytes, so a request gets 2048 tokens unless --context says
+        context = args.context or min(config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
+        engine = LlamaCppEngine(gguf, config, context, threads=args.threads, sequences=args.max_batch)
+        return LocalBackend(name, LlamaCppRunner(engine), tokenizer, args.max_batch, args.max_queue, context)
     pool = pool or ModelPool(getattr(torch, args.dtype))
     weights, tokenizer = pool.get(model)
     return LocalBackend(name, weights, tokenizer, args.max_batch, args.max_queue, args.context)

@@ -1,13 +1,17 @@
 """Continuous batching: one thread owns a model and decodes every active request in shared steps.
 
-Requests wait in a bounded queue; between decode steps, waiting requests are prefilled (one at a
-time, each alone) and join the batch, and finished, cancelled or timed-out ones leave it. Every
-request gets its own sampling settings and random generator, so a seeded request samples the same
-tokens whatever else shares its steps (greedy ones are also bit-for-bit what `Engine` produces,
-up to the reduction order of batched matmuls).
+Requests wait in a bounded queue; between decode steps, waiting requests are prefilled together
+(in passes of similar lengths; a request that echoes prompt log-probabilities is prefilled alone,
+as it needs every position's logits) and join the batch, and finished, cancelled or timed-out ones
+leave it. Every request gets its own sampling settings and random generator, so a seeded request
+samples the same tokens whatever else shares its steps (greedy ones are also bit-for-bit what
+`Engine` produces, up to the reduction order of batched matmuls).
 
 Callers receive `Event`s through the `emit` callback they pass in, called from the scheduler
 thread (the server forwards them into its event loop).
+
+The forward passes belong to a runner (`slmkit.serve.runners`): slmkit's torch engine, or
+llama.cpp with one sequence per row; everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ import torch
 
 from slmkit.errors import SlmError
 from slmkit.generate import TextStream
-from slmkit.infer.engine import default_cache_dtype
+from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
-from slmkit.layers import prepare_for_cpu_inference
-from slmkit.serve.batch import BatchCache
+from slmkit.serve.runners import LlamaCppRunner, TorchRunner
 from slmkit.tokenizer import Tokenizer
 
 
@@ -64,6 +67,7 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token and k alternatives
     echo_logprobs: bool = False  # also score the prompt's tokens (completions with echo)
     deadline: float | None = None  # time.monotonic() after which the job ends with finish_reason "timeout"
+    matcher: TokenMatcher | None = None  # keeps the text inside a grammar (structured output)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -86,20 +90,37 @@ class _Row:
     counts: torch.Tensor | None = None  # (1, V) generated-token counts (frequency/presence penalties)
 
 
+PREFILL_TOKENS = 1024  # padded tokens per joint prefill pass
+
+
+def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs that join together, shortest prompts first, in groups of at most PREFILL_TOKENS padded
+    tokens: similar lengths waste little on padding, and the first groups get their first token
+    while later ones are still being prefilled."""
+    groups: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: len(j.prompt)):
+        if groups and len(job.prompt) * (len(groups[-1]) + 1) <= PREFILL_TOKENS:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 class Scheduler:
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, stop_ids: list[int] = ()):
-        self.model = prepare_for_cpu_inference(model.eval())
+        """model: a torch model, or a runner (`slmkit.serve.runners`) for another engine."""
+        self.runner = model if isinstance(model, (TorchRunner, LlamaCppRunner)) else TorchRunner(model)
+        self.config = self.runner.config
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.context = min(context or self.runner.max_seq_len, self.runner.max_seq_len)
         self.stop_ids = set(stop_ids)
-        self.cache_dtype = default_cache_dtype(model)
-        self.batch = BatchCache(self.model, self.cache_dtype)
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
         self.steps = 0  # decode steps run (for metrics and tests)
+        self.prefills = 0  # prefill passes run (several joining requests share one)
         self.max_rows_seen = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="slmkit-scheduler", daemon=True)
@@ -155,11 +176,15 @@ class Scheduler:
                 while self.waiting and len(self.rows) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
             with torch.inference_mode():
-                for job in joining:
+                joining = [job for job in joining if self._admit(job)]
+                groups = [[job] for job in joining if job.echo_logprobs]
+                groups += prefill_groups([job for job in joining if not job.echo_logprobs])
+                for group in groups:
                     try:
-                        self._join(job)
+                        self._join(group)
                     except Exception as error:  # a request that fails must not take the others down
-                        job.emit(Event("error", message=f"generation failed: {error}"))
+                        for job in group:
+                            job.emit(Event("error", message=f"generation failed: {error}"))
                 try:
                     self._retire()
                     if self.rows:
@@ -168,40 +193,50 @@ class Scheduler:
                 except Exception as error:
                     for row in self.rows:
                         row.job.emit(Event("error", message=f"generation failed: {error}"))
-                    self.rows, self.batch = [], BatchCache(self.model, self.cache_dtype)
+                    self.rows = []
+                    self.runner.reset()
 
-    def _join(self, job: Job) -> None:
-        """Prefill the job alone, emit its first token, and add it to the batch."""
+    @staticmethod
+    def _admit(job: Job) -> bool:
+        """False for a job that was cancelled or expired while it waited (answered here)."""
         if job.cancelled:
-            return
+            return False
         if job.deadline is not None and time.monotonic() > job.deadline:  # it waited in the queue too long
             job.emit(Event("done", finish_reason="timeout", prompt_tokens=len(job.prompt)))
-            return
-        cache = self.model.new_cache(1, len(job.prompt), self.cache_dtype)
-        keep = 0 if job.echo_logprobs else 1
-        logits = self.model(torch.tensor([job.prompt]), cache=cache, logits_to_keep=keep)[0].float()  # (T, V)
-        if job.echo_logprobs:
-            job.emit(Event("prompt", tokens=self._prompt_logprobs(job, logits)))
-        row = _Row(job, TextStream(self.tokenizer, job.stop), make_generator(job.params.seed),
-                   len(job.prompt), logits[-1])
+            return False
+        return True
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill the jobs in one pass, emit each one's first token, add them to the batch."""
+        echo = jobs[0].echo_logprobs  # an echoing job is always prefilled alone: it needs every position's logits
+        handles, logits = self.runner.prefill([job.prompt for job in jobs], echo)
+        self.prefills += 1
+        for job, handle, job_logits in zip(jobs, handles, logits):
+            if echo:
+                job.emit(Event("prompt", tokens=self._prompt_logprobs(job, job_logits)))
+            self._start(job, job_logits[-1], handle)
+
+    def _start(self, job: Job, logits: torch.Tensor, handle) -> None:
+        """A prefilled job (its next-token logits (V,), the runner's handle) becomes a decoding row."""
+        state = _Row(job, TextStream(self.tokenizer, job.stop), make_generator(job.params.seed), len(job.prompt),
+                     logits)
         if job.params.repetition_penalty != 1.0:
-            row.history = list(job.prompt)
+            state.history = list(job.prompt)
         if job.params.penalizes_counts:
-            row.counts = torch.zeros(1, logits.shape[-1])
+            state.counts = torch.zeros(1, logits.shape[-1])
         if job.max_tokens == 0:  # echo-only scoring: nothing to generate
-            self._finish(row, "length")
+            self.runner.release(handle)
+            self._finish(state, "length")
             return
-        self.batch.add(cache)
-        self.rows.append(row)
+        self.runner.admit(handle)
+        self.rows.append(state)
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
-        self._choose(row)
+        self._choose(state)
 
     def _step(self) -> None:
         """One decode step for every row: feed each row's last token, get each row's next logits."""
-        cache = self.batch.before_step()
-        tokens = torch.tensor([[r.last] for r in self.rows])  # (B, 1)
-        positions = torch.tensor([[r.position] for r in self.rows])  # (B, 1): each row counts its own tokens
-        logits = self.model(tokens, cache=cache, positions=positions)[:, -1].float()  # (B, V)
+        # each row counts its own positions (RoPE / llama.cpp positions)
+        logits = self.runner.step([r.last for r in self.rows], [r.position for r in self.rows])  # (B, V)
         self.steps += 1
         for row, row_logits in zip(self.rows, logits):
             row.logits, row.position = row_logits, row.position + 1
@@ -211,13 +246,17 @@ class Scheduler:
         """Sample the row's next token from its logits and stream it (the token is fed next step)."""
         params = row.job.params
         history = torch.tensor([row.history]) if row.history else None  # (1, L)
-        token = int(sample(row.logits[None], params, row.generator, history, row.counts)[0])
+        matcher = row.job.matcher
+        allowed = matcher.allowed()[None] if matcher else None  # (1, V)
+        token = int(sample(row.logits[None], params, row.generator, history, row.counts, allowed)[0])
         row.counts = count_tokens(row.counts, torch.tensor([token]))
         if row.history:
             row.history.append(token)
         if token in self.stop_ids or token in params.stop_token_ids:
             row.finish_reason = "stop"
             return
+        if matcher:
+            matcher.advance(token)
         row.generated, row.last = row.generated + 1, token
         row.pending.append(self._token_info(row.job, row.logits, token))
         text = row.stream.push(token)
@@ -243,7 +282,7 @@ class Scheduler:
             else:
                 self._finish(row, reason)
         if len(keep) != len(self.rows):
-            self.batch.remove(keep)
+            self.runner.keep(keep)
             self.rows = [self.rows[i] for i in keep]
 
     def _finish(self, row: _Row, reason: str) -> None:

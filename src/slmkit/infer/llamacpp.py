@@ -1,0 +1,329 @@
+"""llama.cpp as a runtime: any slmkit model exported once to GGUF, then decoded by llama.cpp.
+
+`LlamaCppEngine` has `Engine`'s interface (token ids in, `Generation`s out, the same callbacks,
+grammar matchers and `SamplingParams`), so `TextGenerator`, `slm generate` and `slm chat` run on
+either. llama.cpp does the forward passes through its multi-sequence batch API (one sequence id
+per prompt, rows that finish leave the batch, a single prompt keeps its cache between calls and
+reuses the longest shared prefix); the next token is chosen by slmkit's own sampler on llama.cpp's
+logits, so penalties, logit bias, seeds and structured output behave exactly as on the torch engine.
+
+`runtime_files` turns a MODEL argument into a GGUF file: a GGUF is used as is; anything else is
+exported once (q8_0 by default) into a cache keyed by the source files' content hash, with a
+checksum beside each export so a damaged file is rebuilt, never loaded.
+
+Written over llama-cpp-python's low-level bindings rather than its `Llama` class: `Llama` decodes
+one sequence at a time and samples internally, where we need several sequences per batch and our
+own sampler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
+from slmkit.infer.constrain import TokenMatcher
+from slmkit.infer.engine import Generation, TokenCallback, accept_token, check_prompt, prompt_history
+from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
+from slmkit.fileio import atomic_write, write_json
+from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
+from slmkit.interop.hf import config_to_hf, read_hf_config
+from slmkit.adapters.peft_format import is_adapter_dir, read_adapter
+from slmkit.load import find_base, inspect, load, resolve
+from slmkit.tokenizer import Tokenizer
+
+try:  # the [llamacpp] extra
+    import llama_cpp
+except ImportError:  # pragma: no cover - depends on the installation
+    llama_cpp = None
+
+if llama_cpp is not None:
+    @llama_cpp.llama_log_callback
+    def _errors_only(level, text, _user_data):
+        """llama.cpp logs every tensor and buffer as it loads; show only its errors."""
+        if level >= 4 and text:  # GGML_LOG_LEVEL_ERROR
+            os.write(2, text)
+
+    llama_cpp.llama_log_set(_errors_only, ctypes.c_void_p(0))
+    _SILENT_PROGRESS = llama_cpp.llama_progress_callback(lambda _progress, _user_data: True)
+
+GGUF_TYPES = ("q8_0", "q4_0", "q4_k_m", "f16")
+MISSING = "the llama.cpp engine needs llama-cpp-python: pip install -e '.[llamacpp]' (or use --engine torch)"
+
+
+def available() -> bool:
+    return llama_cpp is not None
+
+
+def choose_engine(requested: str, spec: str, torch_only: list[str] = ()) -> str:
+    """'torch' or 'llamacpp' for --engine auto|torch|llamacpp on MODEL; torch_only names options the
+    user set that only the torch engine has (then auto means torch, and llamacpp is refused)."""
+    if requested == "llamacpp":
+        if not available():
+            raise SlmError(MISSING)
+        if torch_only:
+            raise SlmError(f"{torch_only[0]} is a torch-engine option; drop it or use --engine torch")
+        return "llamacpp"
+    if requested == "torch" or torch_only or not available():
+        return "torch"
+    target = resolve(spec)
+    if isinstance(target, Path) and target.is_file():  # already a GGUF
+        return "llamacpp"
+    try:  # auto: llama.cpp unless the model cannot be written as GGUF llama
+        check_exportable(inspect(spec).config)
+    except SlmError:
+        return "torch"
+    return "llamacpp"
+
+
+# -- the GGUF cache -------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "llamacpp"
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_hash(path: Path) -> str:
+    """Content hash of a model file, or of the files directly inside a model directory (an adapter
+    directory also hashes its base's files, which its outputs depend on)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0{_file_hash(f)}\n".encode())
+    if path.is_dir() and is_adapter_dir(path):
+        digest.update(source_hash(Path(resolve(find_base(read_adapter(path))))).encode())
+    return digest.hexdigest()
+
+
+def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> tuple[Path, ModelConfig, Tokenizer]:
+    """(GGUF file, architecture, tokenizer) for running MODEL in llama.cpp.
+
+    A GGUF is run as is; anything else is exported once to `gguf_type`. Each source gets a cache
+    entry keyed by its content hash: the export (with its checksum: a damaged file is rebuilt, never
+    loaded) and the config and tokenizer as JSON, because reading them back from a GGUF with gguf-py
+    takes seconds where JSON takes milliseconds."""
+    if gguf_type not in GGUF_TYPES:
+        raise SlmError(f"--gguf-type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}")
+    target = resolve(spec)
+    if isinstance(target, str):
+        raise SlmError(f"'{spec}' is an architecture without weights; give a GGUF file or a model directory")
+    entry = cache_dir() / f"{target.resolve().name}-{source_hash(target)[:16]}"
+    gguf = target if target.is_file() else entry / f"model-{gguf_type}.gguf"
+    if not (_intact(gguf) if gguf != target else True) or not (entry / "tokenizer_config.json").is_file():
+        _build(spec, target, entry, gguf, gguf_type, progress)
+    return gguf, read_hf_config(entry), Tokenizer.from_dir(entry)
+
+
+def _intact(gguf: Path) -> bool:
+    checksum = gguf.with_name(gguf.name + ".sha256")
+    return gguf.is_file() and checksum.is_file() and checksum.read_text().strip() == _file_hash(gguf)
+
+
+def _build(spec: str, target: Path, entry: Path, gguf: Path, gguf_type: str, progress) -> None:
+    entry.mkdir(parents=True, exist_ok=True)
+    if target.is_file():  # a GGUF: only its config and tokenizer, read once
+        reader = open_gguf(target)
+        config, tokenizer = read_config(reader), read_tokenizer(reader)
+    else:
+        progress(f"exporting {spec} to GGUF {gguf_type} for llama.cpp (once; cached in {entry})")
+        loaded = load(spec, dtype=torch.float32, merge=True)
+        try:
+            write_gguf(loaded.model, loaded.tokenizer, gguf, gguf_type)
+        except SlmError as error:
+            raise SlmError(f"{error}. llama.cpp cannot run it: use --engine torch") from None
+        atomic_write(gguf.with_name(gguf.name + ".sha256"), lambda tmp: tmp.write_text(_file_hash(gguf) + "\n"))
+        config, tokenizer = loaded.model.config, loaded.tokenizer
+    if tokenizer is None:
+        raise SlmError(f"'{spec}' has no tokenizer; text generation needs one")
+    write_json(entry / "config.json", config_to_hf(config, torch.float32))
+    tokenizer.save(entry)  # last: its tokenizer_config.json marks a finished entry
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+class LlamaCppEngine:
+    def __init__(self, gguf: str | Path, config: ModelConfig, max_seq_len: int | None = None,
+                 threads: int | None = None, sequences: int = 1, batch_tokens: int = 512):
+        """gguf: the file to run; config: its architecture (`slmkit.load.inspect`); sequences: prompts
+        decoded together (more are done in groups of this size)."""
+        if llama_cpp is None:
+            raise SlmError(MISSING)
+        llama_cpp.llama_backend_init()
+        self.config, self.sequences, self.batch_tokens = config, sequences, batch_tokens
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.progress_callback = _SILENT_PROGRESS  # llama.cpp prints a dot per tensor otherwise
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params)
+        if not self._model:
+            raise SlmError(f"llama.cpp could not load '{gguf}'")
+        trained = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.max_seq_len = min(max_seq_len or trained, trained)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max = self.max_seq_len * sequences, sequences
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise SlmError("llama.cpp could not create a context (too little memory for the context length?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self._batch = llama_cpp.llama_batch_init(batch_tokens, 0, 1)
+        self.cached_tokens: list[int] = []  # what sequence 0 holds, for single-prompt prefix reuse
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def reset(self) -> None:
+        self.cached_tokens = []
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        check_prompt(prompt, self.max_seq_len, self.vocab_size)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, on_token: TokenCallback | None = None,
+                 matchers: list[TokenMatcher] | None = None) -> list[Generation]:
+        for p in prompts:
+            self.check_prompt(p)
+        params.check_vocab(self.vocab_size)
+        out = []
+        for first in range(0, len(prompts), self.sequences):
+            group = prompts[first:first + self.sequences]
+            shifted = None if on_token is None else (lambda row, tok, first=first: on_token(first + row, tok))
+            out += self._generate(group, params, shifted, matchers and matchers[first:first + self.sequences])
+        return out
+
+    def _generate(self, prompts, params, on_token, matchers) -> list[Generation]:
+        start = time.perf_counter()
+        logits = self._prefill(prompts)  # (B, V)
+        prefill_s = time.perf_counter() - start
+        budget = min(params.max_new_tokens, self.max_seq_len - max(len(p) for p in prompts))
+        results = [Generation([], "length", len(p)) for p in prompts]
+        generator, stops = make_generator(params.seed), set(params.stop_token_ids)
+        history = prompt_history(prompts) if params.repetition_penalty != 1.0 else None
+        counts = torch.zeros_like(logits) if params.penalizes_counts else None
+        live = list(range(len(prompts)))  # rows still generating, in logits order
+        while live:
+            allowed = torch.stack([matchers[r].allowed() for r in live]) if matchers else None
+            rows_history = history[live] if history is not None else None
+            rows_counts = counts[live] if counts is not None else None
+            token = sample(logits, params, generator, rows_history, rows_counts, allowed).tolist()  # (len(live),)
+            if counts is not None:
+                counts[live] = count_tokens(rows_counts, torch.tensor(token))
+            if history is not None:
+                column = history[:, -1:].clone()
+                column[live, 0] = torch.tensor(token)
+                history = torch.cat([history, column], dim=1)
+            feed = []
+            for row, tok in zip(live, token):
+                if matchers and tok not in stops:
+                    matchers[row].advance(tok)
+                if not accept_token(results[row], row, tok, stops, budget, on_token):
+                    feed.append((row, tok))
+            if len(prompts) == 1 and feed:
+                self.cached_tokens.append(feed[0][1])
+            live = [row for row, _ in feed]
+            if live:
+                logits = self.step([(row, tok, len(prompts[row]) + len(results[row].tokens) - 1)
+                                       for row, tok in feed])
+        decode_s = time.perf_counter() - start - prefill_s
+        for g in results:
+            g.prefill_seconds, g.decode_seconds = prefill_s, decode_s
+        return results
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """(T, V) next-token logits at every position of `tokens` (scoring; forgets the cache)."""
+        self.check_prompt(tokens)
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self.cached_tokens = []
+        return torch.cat([self._run([(0, t, first + i, True) for i, t in enumerate(tokens[first:first + self.batch_tokens])])
+                          for first in range(0, len(tokens), self.batch_tokens)])
+
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run each prompt into its sequence (a single prompt keeps what sequence 0 already holds);
+        returns the last position's logits (B, V)."""
+        keep = 0
+        if len(prompts) == 1:
+            for a, b in zip(self.cached_tokens, prompts[0][:-1]):  # the last token always runs, for its logits
+                if a != b:
+                    break
+                keep += 1
+        if not llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1) or len(prompts) > 1:
+            llama_cpp.llama_memory_clear(self._memory, True)
+            keep = 0
+        self.cached_tokens = list(prompts[0]) if len(prompts) == 1 else []
+        return torch.cat(self.prefill_sequences(list(range(len(prompts))), prompts, False, keep))
+
+    def prefill_sequence(self, seq: int, prompt: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """Run prompt[start:] into sequence `seq` (which holds prompt[:start]); returns the logits of
+        every position run ((T - start, V)) with all_logits, else of the last one ((1, V))."""
+        return self.prefill_sequences([seq], [prompt], all_logits, start)[0]
+
+    def prefill_sequences(self, seqs: list[int], prompts: list[list[int]], all_logits: bool = False,
+                          start: int = 0) -> list[torch.Tensor]:
+        """Several prompts, each into its own sequence, packed into as few llama_decode calls as the
+        batch size allows (one call per prompt would pay llama.cpp's per-call cost each time)."""
+        entries = [(seq, tok, pos, all_logits or pos == len(prompt) - 1)
+                   for seq, prompt in zip(seqs, prompts) for pos, tok in enumerate(prompt) if pos >= start]
+        logits = torch.cat([self._run(entries[i:i + self.batch_tokens])
+                            for i in range(0, len(entries), self.batch_tokens)])
+        sizes = [len(p) - start if all_logits else 1 for p in prompts]
+        return list(torch.split(logits, sizes))
+
+    def free_sequence(self, seq: int) -> None:
+        """Forget everything sequence `seq` holds (a request ended)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def step(self, feed: list[tuple[int, int, int]]) -> torch.Tensor:
+        """One decode step: (sequence, token, position) per row; returns their next-token logits (n, V).
+
+        The rows go to llama.cpp sorted by sequence id: a batch whose sequences are out of order is split
+        into many small passes (measured: 32 rows in descending order decode 3x slower)."""
+        order = sorted(range(len(feed)), key=lambda i: feed[i][0])
+        logits = self._run([(*feed[i], True) for i in order])
+        out = torch.empty_like(logits)
+        out[order] = logits
+        return out
+
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """llama_decode over (sequence, token, position, wants logits) entries; the logits asked for."""
+        batch = self._batch
+        for i, (seq, tok, pos, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, want
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise SlmError(f"llama.cpp failed to decode a batch (status {status}); the context may be full")
+        wanted = [i for i, entry in enumerate(entries) if entry[3]]
+        if not wanted:
+            return torch.empty(0, self.vocab_size)
+        return torch.from_numpy(np.stack([_logits_row(self._ctx, i, self.vocab_size) for i in wanted]))
+
+
+def _logits_row(ctx, index: int, vocab: int) -> np.ndarray:
+    pointer = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).copy()

@@ -1,0 +1,101 @@
+"""The llama.cpp runtime: the same greedy tokens as the torch engine on the same weights, batched
+rows equal to solo rows, prefix reuse, and the export cache (reused, rebuilt when damaged)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import LLAMA_CPP_MISSING
+
+from slmkit.infer.engine import Engine
+from slmkit.infer.sampling import SamplingParams
+from slmkit.interop.gguf import write_gguf
+from slmkit.interop.hf import save_hf
+from slmkit.load import load, random_model
+from slmkit.presets import get_preset
+
+llamacpp = pytest.importorskip("slmkit.infer.llamacpp")
+if not llamacpp.available():
+    pytest.skip(LLAMA_CPP_MISSING, allow_module_level=True)
+
+PROMPTS = [[5, 17, 33, 2, 101, 7, 9], list(range(20, 60)), [7] * 11]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer):
+    """A tiny random model with sharp logits (near-ties flip with any kernel's rounding), as an HF
+    directory and as an f32 GGUF."""
+    model = random_model(get_preset("tiny").config, seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)
+    root = tmp_path_factory.mktemp("tiny")
+    save_hf(model, tiny_tokenizer, root / "hf")
+    return model, write_gguf(model, tiny_tokenizer, root / "tiny-f32.gguf", "f32"), root / "hf"
+
+
+def test_greedy_tokens_equal_the_torch_engine_and_batched_rows_equal_solo(tiny):
+    model, gguf, _ = tiny
+    params = SamplingParams(max_new_tokens=32, repetition_penalty=1.2, frequency_penalty=0.3, logit_bias={9: 2.0})
+    expected = [Engine(model).generate([p], params)[0].tokens for p in PROMPTS]
+    solo = llamacpp.LlamaCppEngine(gguf, model.config, max_seq_len=256)
+    assert [solo.generate([p], params)[0].tokens for p in PROMPTS] == expected
+    together = llamacpp.LlamaCppEngine(gguf, model.config, max_seq_len=256, sequences=3)
+    assert [g.tokens for g in together.generate(PROMPTS, params)] == expected
+    # a longer prompt that starts with the last one reuses its cache and still matches a fresh engine
+    longer = PROMPTS[2] + expected[2][:5]
+    fresh = llamacpp.LlamaCppEngine(gguf, model.config, max_seq_len=256).generate([longer], params)[0].tokens
+    assert solo.generate([longer], params)[0].tokens == fresh
+
+
+def test_the_export_cache_is_reused_and_rebuilt_when_damaged(tiny, tmp_path, monkeypatch):
+    model, _, hf = tiny
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
+    said = []
+    gguf, config, tokenizer = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
+    assert len(said) == 1 and gguf.is_file() and config.hidden_size == model.config.hidden_size
+    again, _, _ = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
+    assert again == gguf and len(said) == 1  # reused, not exported again
+    data = bytearray(gguf.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the weights
+    gguf.write_bytes(bytes(data))
+    llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
+    assert len(said) == 2  # rebuilt
+    engine = llamacpp.LlamaCppEngine(gguf, config, max_seq_len=128)
+    reference = Engine(load(str(gguf), dtype=torch.float32).model)
+    params = SamplingParams(max_new_tokens=16)
+    assert engine.generate([PROMPTS[0]], params)[0].tokens == reference.generate([PROMPTS[0]], params)[0].tokens
+
+
+def test_a_model_llama_cpp_cannot_run_is_refused_with_the_torch_hint(tmp_path, tiny_tokenizer, monkeypatch):
+    from slmkit.errors import SlmError
+
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    config = dataclasses.replace(get_preset("tiny").config, attention_bias=True)  # never edit the shared preset
+    save_hf(random_model(config), tiny_tokenizer, tmp_path / "biased")
+    with pytest.raises(SlmError, match="use --engine torch"):
+        llamacpp.runtime_files(str(tmp_path / "biased"), "q8_0", progress=lambda _: None)
+
+
+@torch.inference_mode()
+def test_smollm2_q8_0_in_llama_cpp_follows_the_torch_engine(smollm, tmp_path):
+    """On the same (dequantized) Q8_0 weights: llama.cpp's next-token distribution stays within a
+    small KL of the torch engine's at every position of 32 greedy tokens, and picks the same token
+    wherever torch's choice is not a near-tie (llama.cpp also rounds activations to 8 bits, which
+    flips near-ties: 'The' vs 'L' after "What is the capital of France?" differ by 0.14 in its logits)."""
+    path = write_gguf(smollm.model, smollm.tokenizer, tmp_path / "smollm2-q8_0.gguf", "q8_0")
+    reference = load(str(path), dtype=torch.float32).model
+    engine = llamacpp.LlamaCppEngine(path, reference.config, max_seq_len=512)
+    tok = smollm.tokenizer
+    for question in ("What is the capital of France?", "Give me three tips for staying healthy."):
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+        seq = ids + Engine(reference).generate([ids], SamplingParams(max_new_tokens=32))[0].tokens
+        torch_logits = reference(torch.tensor([seq]))[0, len(ids) - 1:-1].float()  # (32, V): each new token
+        ours = engine.logits(seq)[len(ids) - 1:-1]
+        kl = torch.nn.functional.kl_div(ours.log_softmax(-1), torch_logits.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1)
+        assert kl.mean() < 0.01 and kl.max() < 0.05, kl
+        top2 = torch_logits.topk(2).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.5
+        assert clear.sum() >= 16 and torch.equal(ours.argmax(-1)[clear], torch_logits.argmax(-1)[clear])
