@@ -97,6 +97,7 @@ def llamacpp_raw_runner(path: Path):
 
     def run(batch: list[list[int]], new: int) -> float:
         assert len(batch) == 1
+        llm.reset()  # else `generate` reuses the cached prompt prefix and the prefill is not timed
         start, count = time.perf_counter(), 0
         for _ in llm.generate(batch[0], temp=0.0, top_k=1, reset=True):
             count += 1
