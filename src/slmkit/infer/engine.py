@@ -128,12 +128,7 @@ class Engine:
             return self._prefill_one(cache, prompts[0])
         device = cache.keys[0].device
         longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        valid = torch.zeros(len(prompts), cache.max_len, dtype=torch.bool)
-        for row, p in enumerate(prompts):  # left padding: real tokens end at the same slot
-            ids[row, longest - len(p):] = torch.tensor(p)
-            valid[row, longest - len(p):] = True
-        positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)  # (B, T) real-token count
+        ids, valid, positions = left_padded(prompts, cache.max_len)
         cache.length, cache.key_valid = 0, valid.to(device) if any(len(p) < longest for p in prompts) else None
         self.cached_tokens = []
         logits = self.model(ids.to(device), cache=cache, positions=positions.to(device), logits_to_keep=1)
@@ -141,11 +136,7 @@ class Engine:
 
     def _prefill_one(self, cache: KVCache, prompt: list[int]):
         """Batch of one: keep the longest prefix the cache already holds, run only the rest."""
-        common = 0
-        for a, b in zip(self.cached_tokens, prompt[:-1]):  # the last token always runs, for its logits
-            if a != b:
-                break
-            common += 1
+        common = shared_prefix(self.cached_tokens, prompt)
         cache.length, cache.key_valid = common, None
         device = cache.keys[0].device
         ids = torch.tensor([prompt[common:]], device=device)
@@ -253,3 +244,28 @@ def check_prompt(prompt: list[int], context: int, vocab_size: int) -> None:
                        "(and needs room for one new token); shorten it or ask for truncation")
     if max(prompt) >= vocab_size or min(prompt) < 0:
         raise SlmError(f"token ids must be in [0, {vocab_size}); got {min(prompt)}..{max(prompt)}")
+
+
+def left_padded(prompts: list[list[int]], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded so every row's last token sits in the last column: ids (B, T), valid (B,
+    slots) marking real tokens among the first T slots, and RoPE positions (B, T) counting each
+    row's own tokens (padding gets 0)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    valid = torch.zeros(len(prompts), slots, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        valid[row, longest - len(p):longest] = True
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+    return ids, valid, positions
+
+
+def shared_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` a cache holding `cached` can keep (never the last one,
+    which must run again for its logits)."""
+    common = 0
+    for a, b in zip(cached, prompt[:-1]):
+        if a != b:
+            break
+        common += 1
+    return common

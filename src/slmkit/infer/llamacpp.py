@@ -30,7 +30,8 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import TokenMatcher
-from slmkit.infer.engine import Generation, TokenCallback, accept_token, check_prompt, prompt_history
+from slmkit.infer.engine import (Generation, TokenCallback, accept_token, check_prompt, prompt_history,
+                                 shared_prefix)
 from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
 from slmkit.fileio import atomic_write, write_json
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
@@ -124,7 +125,8 @@ def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> tuple[P
         raise SlmError(f"'{spec}' is an architecture without weights; give a GGUF file or a model directory")
     entry = cache_dir() / f"{target.resolve().name}-{source_hash(target)[:16]}"
     gguf = target if target.is_file() else entry / f"model-{gguf_type}.gguf"
-    if not (_intact(gguf) if gguf != target else True) or not (entry / "tokenizer_config.json").is_file():
+    export_ok = target.is_file() or _intact(gguf)  # a GGUF source has no export to check
+    if not export_ok or not (entry / "tokenizer_config.json").is_file():
         _build(spec, target, entry, gguf, gguf_type, progress)
     return gguf, read_hf_config(entry), Tokenizer.from_dir(entry)
 
@@ -265,22 +267,12 @@ class LlamaCppEngine:
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Run each prompt into its sequence (a single prompt keeps what sequence 0 already holds);
         returns the last position's logits (B, V)."""
-        keep = 0
-        if len(prompts) == 1:
-            for a, b in zip(self.cached_tokens, prompts[0][:-1]):  # the last token always runs, for its logits
-                if a != b:
-                    break
-                keep += 1
+        keep = shared_prefix(self.cached_tokens, prompts[0]) if len(prompts) == 1 else 0
         if not llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1) or len(prompts) > 1:
             llama_cpp.llama_memory_clear(self._memory, True)
             keep = 0
         self.cached_tokens = list(prompts[0]) if len(prompts) == 1 else []
         return torch.cat(self.prefill_sequences(list(range(len(prompts))), prompts, False, keep))
-
-    def prefill_sequence(self, seq: int, prompt: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
-        """Run prompt[start:] into sequence `seq` (which holds prompt[:start]); returns the logits of
-        every position run ((T - start, V)) with all_logits, else of the last one ((1, V))."""
-        return self.prefill_sequences([seq], [prompt], all_logits, start)[0]
 
     def prefill_sequences(self, seqs: list[int], prompts: list[list[int]], all_logits: bool = False,
                           start: int = 0) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from slmkit.errors import SlmError
-from slmkit.infer.engine import default_cache_dtype
+from slmkit.infer.engine import default_cache_dtype, left_padded
 from slmkit.infer.llamacpp import LlamaCppEngine
 from slmkit.layers import prepare_for_cpu_inference
 from slmkit.serve.batch import BatchCache
@@ -38,16 +38,10 @@ class TorchRunner:
     def prefill(self, prompts: list[list[int]], all_logits: bool):
         """One left-padded pass (padding on the left puts every row's last token in the last column;
         padded slots are masked and RoPE positions count each row's own tokens, as in `Engine`)."""
-        lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            valid[row, longest - len(prompt):] = True
+        longest = max(len(p) for p in prompts)
+        ids, valid, positions = left_padded(prompts, longest)  # (J, T) each
         cache = self.model.new_cache(len(prompts), longest, self.cache_dtype)
-        cache.key_valid = valid if min(lengths) < longest else None
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (J, T)
+        cache.key_valid = valid if min(len(p) for p in prompts) < longest else None
         logits = self.model(ids, cache=cache, positions=positions, logits_to_keep=0 if all_logits else 1).float()
         handles = [(cache, row, longest - len(p)) for row, p in enumerate(prompts)]
         return handles, [logits[row, longest - len(p):] if all_logits else logits[row] for row, p in enumerate(prompts)]
