@@ -46,6 +46,20 @@ def _correlated_inputs(rows: int, k: int, seed: int = 0) -> torch.Tensor:
 # -- kernels and formats --------------------------------------------------------------------------
 
 
+def test_int8_codes_loaded_at_an_odd_offset_are_realigned():
+    # safetensors hands out tensors at their file offset; the int8 kernel crashed on unaligned codes
+    w = torch.randn(576, 576)
+    codes, scales = quantize_int8(w)
+    reference = Int8Linear.from_codes(codes, scales)
+    storage = torch.zeros(codes.numel() + 64, dtype=torch.int8)
+    odd = storage[40: 40 + codes.numel()].view(576, 576)
+    odd.copy_(codes)
+    layer = Int8Linear(576, 576)
+    layer.load_state_dict({"qweight": odd, "scales": scales}, assign=True)
+    x = torch.randn(4, 576)
+    assert torch.equal(layer(x), reference(x))
+
+
 @pytest.mark.parametrize("k,group", [(64, 32), (96, 32), (576, 64), (576, 128)])
 def test_int4_linear_multiplies_by_its_dequantized_weight(k, group):
     w = torch.randn(40, k)  # 40 rows: not a multiple of the kernel's 16

@@ -14,13 +14,12 @@ graph; this is the smallest change that removes 3 of the 7 per-layer calls.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.compress.quant.qlinear import INT4_INNER_K_TILES, KERNEL_DTYPE, Int4Linear
+from slmkit.compress.quant.qlinear import KERNEL_DTYPE, Int4Linear, pack_int4, packing_stacks
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -41,9 +40,8 @@ class SharedInputKernel:
             for m, part in zip(members, self.packed.split(rows)):
                 m.packed = part
         else:
-            codes = torch.cat([F.pad(m.codes().to(torch.int32), (0, 0, 0, m.padded_out - m.out_features))
-                               for m in members])
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_INNER_K_TILES)
+            self.packed = pack_int4(torch.cat([F.pad(m.codes(), (0, 0, 0, m.padded_out - m.out_features))
+                                               for m in members]))
         self.scale_offset = torch.cat([m.scale_offset.float() for m in members], dim=1).to(KERNEL_DTYPE)  # (G, ΣNp, 2)
         self._input: torch.Tensor | None = None
         self._version = -1
@@ -75,17 +73,6 @@ class SharedInputKernel:
         for m in self.members:
             m.shared_kernel = None
             m.packed = m.packed.clone()  # no longer a view of the stacked packing
-
-
-@functools.lru_cache(maxsize=16)
-def packing_stacks(rows: tuple[int, ...], k: int) -> bool:
-    """Whether the kernel's private packing of matrices stacked by rows is their packings stacked
-    (it packs rows in blocks, so it is when each height is a multiple of the block); probed once
-    per shape with random codes rather than assumed."""
-    g = torch.Generator().manual_seed(0)
-    parts = [torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g) for n in rows]
-    pack = functools.partial(torch.ops.aten._convert_weight_to_int4pack_for_cpu, innerKTiles=INT4_INNER_K_TILES)
-    return torch.equal(pack(torch.cat(parts)), torch.cat([pack(p) for p in parts]))
 
 
 def _version(x: torch.Tensor) -> int:

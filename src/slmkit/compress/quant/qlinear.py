@@ -25,6 +25,7 @@ from torch import nn
 
 INT4_INNER_K_TILES = 2  # the CPU kernel accepts 2, 4 or 8; it only changes its internal layout
 KERNEL_ROWS = 16  # the int4 kernel packs output rows in blocks of 16
+PACK_CHUNK_ROWS = 1024  # rows converted to the int4 packing at a time (a multiple of KERNEL_ROWS)
 PAD_BUFFER_ROWS = 8  # inputs of up to this many rows (decoding) reuse a padded buffer per layer
 
 
@@ -49,6 +50,8 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         if prefix + "scales" in state_dict:  # a checkpoint loaded "in bf16" still gets exact scales
             state_dict[prefix + "scales"] = state_dict[prefix + "scales"].float()
+        if prefix + "qweight" in state_dict:
+            state_dict[prefix + "qweight"] = aligned(state_dict[prefix + "qweight"])
         self._cast.clear()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
@@ -70,6 +73,14 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied when its data does not start on a 64-byte boundary. safetensors hands out
+    tensors at whatever offset they have in the file, and the int8 kernel's vector loads
+    crash (SIGSEGV, measured with torch 2.13) on codes that are not aligned; PyTorch's own
+    allocations always are."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 class Int8Linear(QuantLinear):
@@ -134,8 +145,7 @@ class Int4Linear(QuantLinear):
         self.scales.copy_(scales)
         self.zeros.copy_(zeros)
         extra = self.padded_out - self.out_features  # the kernel wants rows in multiples of 16; extras are cut off
-        codes = F.pad(codes.to(torch.int32), (0, 0, 0, extra))
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_INNER_K_TILES)
+        self.packed = pack_int4(F.pad(codes.to(torch.uint8), (0, 0, 0, extra)) if extra else codes)
         scales, offset = F.pad(self.scales, (0, 0, 0, extra)), F.pad((8 - self.zeros.float()) * self.scales,
                                                                       (0, 0, 0, extra))  # (Np, G)
         self.scale_offset = torch.stack([scales.t(), offset.t()], dim=-1).contiguous()  # (G, Np, 2)
@@ -249,6 +259,34 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     scalar loops on CPUs without AVX-512 (measured ~10x slower than an fp32 GEMV on AMD Zen 3).
     Weights are already 8 or 4 bits, so bf16 activations cost little accuracy (see bench/quantize.py)."""
     return x.to(KERNEL_DTYPE).contiguous()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(Np, Kp) codes in [0, 15], any integer dtype -> the int4 kernel's (Np, Kp/2) packing.
+
+    The op takes int32 codes, 8x the size of its packing: for SmolLM2's 49152x576 output head
+    that copy alone is 113 MB, the peak of loading a 74 MB int4 checkpoint. Rows are converted a
+    block at a time where stacking the blocks' packings gives the packing of the whole (probed)."""
+    rows, cols = codes.shape
+    tail = rows % PACK_CHUNK_ROWS or PACK_CHUNK_ROWS
+    if rows <= PACK_CHUNK_ROWS or not packing_stacks((PACK_CHUNK_ROWS, tail), cols):
+        return _pack_block(codes)
+    return torch.cat([_pack_block(block) for block in codes.split(PACK_CHUNK_ROWS)])
+
+
+def _pack_block(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(),
+                                                              INT4_INNER_K_TILES)
+
+
+@functools.lru_cache(maxsize=16)
+def packing_stacks(rows: tuple[int, ...], k: int) -> bool:
+    """Whether the kernel's private packing of matrices stacked by rows is their packings stacked
+    (it packs rows in blocks, so it is when each height is a multiple of the block); probed once
+    per shape with random codes rather than assumed."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g) for n in rows]
+    return torch.equal(_pack_block(torch.cat(parts)), torch.cat([_pack_block(p) for p in parts]))
 
 
 @functools.lru_cache(maxsize=4)  # a model's linears come in a handful of shapes; saving probes each once

@@ -335,9 +335,10 @@ def swap_in_empty(model: nn.Module, section: dict, names: set[str]) -> None:
         if name not in names:
             return None
         bias = linear.bias is not None
-        if bits == 8:
-            return Int8Linear(linear.in_features, linear.out_features, bias)
-        return Int4Linear(linear.in_features, linear.out_features, group, bias)
+        with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned or repacked
+            if bits == 8:
+                return Int8Linear(linear.in_features, linear.out_features, bias)
+            return Int4Linear(linear.in_features, linear.out_features, group, bias)
 
     swap_linears(model, make)
 
