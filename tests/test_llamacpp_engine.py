@@ -92,10 +92,51 @@ def test_smollm2_q8_0_in_llama_cpp_follows_the_torch_engine(smollm, tmp_path):
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
         seq = ids + Engine(reference).generate([ids], SamplingParams(max_new_tokens=32))[0].tokens
         torch_logits = reference(torch.tensor([seq]))[0, len(ids) - 1:-1].float()  # (32, V): each new token
-        ours = engine.logits(seq)[len(ids) - 1:-1]
+        ours = engine.tail_logits(seq[:-1], len(seq) - len(ids))  # the same 32 positions
         kl = torch.nn.functional.kl_div(ours.log_softmax(-1), torch_logits.log_softmax(-1), log_target=True,
                                         reduction="none").sum(-1)
         assert kl.mean() < 0.01 and kl.max() < 0.05, kl
         top2 = torch_logits.topk(2).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.5
         assert clear.sum() >= 16 and torch.equal(ours.argmax(-1)[clear], torch_logits.argmax(-1)[clear])
+
+
+def test_eval_scores_on_llama_cpp_equal_the_torch_scorer(tiny, tiny_tokenizer):
+    """The harness's rules on both runtimes, on an f32 GGUF of the same weights: shared contexts,
+    contexts cut to fit, a continuation longer than the context, and greedy generation to a stop."""
+    from slmkit.evals.lm import LlamaCppLM, LocalLM, LoglikelihoodRequest
+
+    model, gguf, _ = tiny
+    ours = LlamaCppLM(llamacpp.LlamaCppEngine(gguf, model.config, max_seq_len=48), tiny_tokenizer)
+    reference = LocalLM(model, tiny_tokenizer, max_length=48)
+    long_context = "the quick brown fox jumps over the lazy dog " * 8
+    requests = [LoglikelihoodRequest("Question: what is red? Answer:", c) for c in (" apples", " the sky", " no")]
+    requests += [LoglikelihoodRequest(long_context, " and runs"), LoglikelihoodRequest("x", " word" * 60)]
+    got, expected = ours.loglikelihood(requests, False), reference.loglikelihood(requests, False)
+    assert [s.truncated for s in got] == [s.truncated for s in expected] == [False] * 3 + [True, True]
+    for a, b in zip(got, expected):
+        assert a.tokens == b.tokens and a.greedy == b.greedy and a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=2e-3)
+    prompts = ["Once upon a time", "Q: 1+1=?\nA:"]
+    assert ours.generate_until(prompts, ["\n"], 12, False) == reference.generate_until(prompts, ["\n"], 12, False)
+
+
+def test_eval_and_bench_run_on_llama_cpp_from_the_cli(tiny, data_dir, tmp_path):
+    import json
+
+    from slmkit.cli import main
+
+    _, _, hf = tiny
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(hf), "--engine", "llamacpp", "--gguf-type", "f16", "--tasks", "arc_easy", "--limit",
+                 "3", "-o", str(out), "--data-dir", str(data_dir / "eval")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model_info"]["engine"] == "llamacpp" and doc["model_info"]["gguf_type"] == "F16"
+    assert doc["results"][0]["task"] == "arc_easy"
+    assert main(["eval", str(hf), "--engine", "llamacpp", "--perplexity", str(out)]) == 2  # a torch-only option
+    bench = tmp_path / "bench.json"
+    assert main(["bench", str(hf), "--engine", "llamacpp", "--prompt-tokens", "16", "--new-tokens", "4", "--runs",
+                 "1", "--batch", "1,2", "-o", str(bench)]) == 0
+    row = json.loads(bench.read_text())["results"][0]
+    assert row["engine"] == "llamacpp" and row["dtype"] == "q8_0" and set(row["batches"]) == {"1", "2"}
+    assert row["batches"]["2"]["decode_tok_s"]["median"] > 0
+    assert main(["bench", "tiny", "--engine", "llamacpp"]) == 2  # random weights: torch only

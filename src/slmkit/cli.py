@@ -55,11 +55,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     _add_engine(p, "; torch is the one for --compile and --speculate")
 
 
-def _add_engine(p: argparse.ArgumentParser, torch_note: str = "") -> None:
-    p.add_argument("--engine", choices=("auto", "torch", "llamacpp"), default="auto",
+def _add_engine(p: argparse.ArgumentParser, torch_note: str = "", default: str = "auto") -> None:
+    p.add_argument("--engine", choices=("auto", "torch", "llamacpp"), default=default,
                    help="runtime: llamacpp exports the model to GGUF once (cached) and decodes in llama.cpp, ~4x "
                         "faster on a CPU; torch is slmkit's PyTorch engine (the reference)" + torch_note +
-                        "; auto: llamacpp when installed and the model exports to GGUF")
+                        "; auto: llamacpp when installed and the model exports to GGUF" +
+                        ("" if default == "auto" else f" (default {default})"))
     p.add_argument("--gguf-type", choices=("q8_0", "q4_0", "q4_k_m", "f16"), default="q8_0",
                    help="GGUF type of the export the llamacpp engine runs (a GGUF MODEL runs as it is)")
 
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/eval/<model>-<time>.json)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision in memory")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    # torch by default: an evaluation measures the weights as they are, not a Q8_0 copy of them
+    _add_engine(p, "; llamacpp scores the GGUF export (its --gguf-type rounding included), torch the weights as "
+                   "they are, and is the one for --perplexity", default="torch")
 
     p = sub.add_parser("bench", help="on-device latency and memory: TTFT, prefill and decode tokens/s, peak memory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EPILOG)
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the presets smollm2-135m, openelm-270m, smollm2-360m, qwen2-0.5b, llama-3.2-1b "
                         "and plot decode speed against size")
     p.add_argument("-o", "--output", default=None, help="results JSON (default: runs/bench/bench-<time>.json)")
+    _add_engine(p, " (--dtype applies to it)")
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, router, chat page at /)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG)
@@ -778,7 +783,6 @@ def cmd_eval(args) -> int:
         save_results,
     )
     from slmkit.evals.tasks import DEFAULT_SUITE, TASKS
-    from slmkit.load import load
 
     if args.tasks == "list":
         print("tasks: " + ", ".join(TASKS) + ", mmlu_SUBJECT (one MMLU subject, e.g. mmlu_anatomy), NAME:val (a "
@@ -802,28 +806,55 @@ def cmd_eval(args) -> int:
         Console().print(results_table(doc))
         print(f"wrote {save_results(doc, out)}")
         return 0
-    loaded = load(args.model, dtype=getattr(torch, args.dtype), merge=True)
-    if loaded.tokenizer is None:
-        raise SlmError("this model has no tokenizer; evaluation reads text (load a GGUF or an HF directory "
-                       "with tokenizer.json)")
     if args.perplexity:
         from slmkit.evals.perplexity import text_perplexity
+        from slmkit.infer.llamacpp import choose_engine
 
+        choose_engine(args.engine, args.model, ["--perplexity"])  # refuses --engine llamacpp in one line
+        loaded = _eval_model(args.model, getattr(torch, args.dtype))
         result = text_perplexity(loaded.model, loaded.tokenizer, args.perplexity, stride=args.stride)
         print(result.summary())
         doc = {"model": args.model, "model_info": model_info(loaded),
                "perplexity": {**result.__dict__, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}}
     else:
-        from slmkit.evals.lm import LocalLM
-
-        lm = LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
-        info = model_info(loaded)
+        lm, info = _eval_lm(args)
         doc = evaluate(lm, names, shots, limit, args.seed, args.data_dir, model_name=args.model,
                        on_result=lambda partial: save_results({**partial, "model_info": info, "partial": True}, out))
         doc["model_info"] = info
         Console().print(results_table(doc))
     print(f"wrote {save_results(doc, out)}")
     return 0
+
+
+def _eval_model(spec: str, dtype):
+    from slmkit.errors import SlmError
+    from slmkit.load import load
+
+    loaded = load(spec, dtype=dtype, merge=True)
+    if loaded.tokenizer is None:
+        raise SlmError("this model has no tokenizer; evaluation reads text (load a GGUF or an HF directory "
+                       "with tokenizer.json)")
+    return loaded
+
+
+def _eval_lm(args):
+    """The scorer for `slm eval` on the chosen engine, and what the report needs to know of the model."""
+    import torch
+
+    from slmkit.evals.api import model_info
+    from slmkit.evals.lm import LlamaCppLM, LocalLM
+    from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
+
+    if choose_engine(args.engine, args.model) == "llamacpp":
+        gguf, config, tokenizer = runtime_files(args.model, args.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+        engine = LlamaCppEngine(gguf, config, threads=args.threads)
+        size = gguf.stat().st_size
+        return LlamaCppLM(engine, tokenizer), {
+            "params": engine.parameters, "file_mib": size / 2**20, "bits": round(8 * size / engine.parameters, 2),
+            "quantization": None, "gguf_type": gguf_kind(gguf, args.gguf_type).upper(),
+            "engine": "llamacpp"}
+    loaded = _eval_model(args.model, getattr(torch, args.dtype))
+    return LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size), model_info(loaded)
 
 
 def cmd_bench(args) -> int:
@@ -841,6 +872,8 @@ def cmd_bench(args) -> int:
         measure,
         sweep_plot,
     )
+    from slmkit.infer.llamacpp import choose_engine
+    from slmkit.load import resolve
 
     try:
         batches = tuple(int(b) for b in args.batch.split(",") if b.strip())
@@ -848,8 +881,15 @@ def cmd_bench(args) -> int:
         raise SlmError(f"--batch takes whole numbers separated by commas (e.g. 1,8), not '{args.batch}'") from None
     if not batches or min(batches) < 1 or args.runs < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
         raise SlmError("--batch values and --runs must be >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
-    settings = BenchSettings(args.prompt_tokens, args.new_tokens, batches, args.runs, args.threads, args.dtype)
+    settings = BenchSettings(args.prompt_tokens, args.new_tokens, batches, args.runs, args.threads, args.dtype,
+                             engine=args.engine, gguf_type=args.gguf_type)
     models = list(dict.fromkeys(args.models + (list(SWEEP_PRESETS) if args.sweep else [])))
+    if args.engine == "llamacpp":
+        for spec in models:  # a missing extra or an architecture without weights: one line, before any process
+            choose_engine(args.engine, spec)
+            if isinstance(resolve(spec), str):
+                raise SlmError(f"'{spec}' is an architecture without weights; llama.cpp needs a model file "
+                               f"(use --engine torch to time random weights)")
     results = []
     for spec in models:
         print(f"measuring {spec} ...", flush=True)

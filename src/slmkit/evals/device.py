@@ -36,6 +36,8 @@ class BenchSettings:
     threads: int | None = None
     dtype: str = "float32"
     seed: int = 0
+    engine: str = "torch"  # auto | torch | llamacpp, as --engine
+    gguf_type: str = "q8_0"
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelBench:
     dtype: str
     threads: int
     batches: dict[str, dict] = field(default_factory=dict)  # "1" -> {metric: {median, min, max}}
+    engine: str = "torch"
 
 
 def _spread(values: list[float]) -> dict:
@@ -58,26 +61,26 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     """Measure in this process (the worker side of `measure`)."""
     import torch
 
-    from slmkit.infer.engine import Engine
+    from slmkit.infer.llamacpp import choose_engine
     from slmkit.infer.sampling import SamplingParams
-    from slmkit.load import load
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True, merge=True)
-    load_s = time.perf_counter() - started
-    model, config = loaded.model, loaded.model.config
-    if settings.prompt_tokens + settings.new_tokens > config.max_position_embeddings:
+    if choose_engine(settings.engine, spec) == "llamacpp":
+        engine, result = _llamacpp_engine(spec, settings)
+    else:
+        engine, result = _torch_engine(spec, settings)
+    result.load_s = time.perf_counter() - started
+    context = engine.max_seq_len if result.engine == "llamacpp" else engine.config.max_position_embeddings
+    if settings.prompt_tokens + settings.new_tokens > context:
         raise SlmError(f"{spec}: {settings.prompt_tokens} + {settings.new_tokens} tokens exceed its "
-                       f"{config.max_position_embeddings}-token context")
-    engine = Engine(model)
+                       f"{context}-token context")
     generator = torch.Generator().manual_seed(settings.seed)
     params = SamplingParams(max_new_tokens=settings.new_tokens)  # no stop tokens: always the full count
-    result = ModelBench(spec, sum(p.numel() for p in model.parameters()), loaded.source.file_bytes / 2**20, load_s,
-                        0.0, settings.dtype, torch.get_num_threads())
+    vocab = engine.config.vocab_size
     for batch in settings.batches:
-        prompts = torch.randint(0, config.vocab_size, (batch, settings.prompt_tokens), generator=generator).tolist()
+        prompts = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=generator).tolist()
         engine.reset()
         engine.generate(prompts, SamplingParams(max_new_tokens=4))  # warm-up: allocations, kernel selection
         ttft, prefill, decode = [], [], []
@@ -91,6 +94,34 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
                                       "decode_tok_s": _spread(decode)}
     result.peak_mib = peak_rss_mib()
     return result
+
+
+def _torch_engine(spec: str, settings: BenchSettings):
+    import torch
+
+    from slmkit.infer.engine import Engine
+    from slmkit.load import load
+
+    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True, merge=True)
+    model = loaded.model
+    return Engine(model), ModelBench(spec, sum(p.numel() for p in model.parameters()),
+                                     loaded.source.file_bytes / 2**20, 0.0, 0.0, settings.dtype,
+                                     torch.get_num_threads(), engine="torch")
+
+
+def _llamacpp_engine(spec: str, settings: BenchSettings):
+    """llama.cpp on the model's GGUF (exported once to `gguf_type` unless it is one), with room for
+    every row of the largest batch."""
+    import torch
+
+    from slmkit.infer.llamacpp import LlamaCppEngine, gguf_kind, runtime_files
+
+    gguf, config, _ = runtime_files(spec, settings.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+    engine = LlamaCppEngine(gguf, config, settings.prompt_tokens + settings.new_tokens, settings.threads,
+                            sequences=max(settings.batches))
+    return engine, ModelBench(spec, engine.parameters, gguf.stat().st_size / 2**20, 0.0, 0.0,
+                              gguf_kind(gguf, settings.gguf_type),
+                              settings.threads or torch.get_num_threads(), engine="llamacpp")
 
 
 def peak_rss_mib() -> float:
@@ -120,8 +151,8 @@ def bench_table(results: list[ModelBench], settings: BenchSettings):
     from rich.table import Table
 
     table = Table(title=f"{settings.prompt_tokens}-token prompt, {settings.new_tokens} new tokens, "
-                        f"{settings.dtype}, median of {settings.runs} (min-max)")
-    for column in ("model", "params", "batch", "TTFT s", "prefill tok/s", "decode tok/s", "load s", "peak MiB",
+                        f"median of {settings.runs} (min-max)")
+    for column in ("model", "runtime", "params", "batch", "TTFT s", "prefill tok/s", "decode tok/s", "load s", "peak MiB",
                    "file MiB"):
         table.add_column(column, justify="left" if column == "model" else "right")
 
@@ -130,7 +161,8 @@ def bench_table(results: list[ModelBench], settings: BenchSettings):
 
     for r in results:
         for i, (batch, m) in enumerate(r.batches.items()):
-            table.add_row(r.model if i == 0 else "", f"{r.params / 1e6:.1f}M" if i == 0 else "", batch,
+            table.add_row(r.model if i == 0 else "", f"{r.engine} {r.dtype}" if i == 0 else "",
+                          f"{r.params / 1e6:.1f}M" if i == 0 else "", batch,
                           cell(m["ttft_s"], 3), cell(m["prefill_tok_s"], 0), cell(m["decode_tok_s"], 1),
                           f"{r.load_s:.2f}" if i == 0 else "", f"{r.peak_mib:.0f}" if i == 0 else "",
                           f"{r.file_mib:.1f}" if i == 0 and r.file_mib else "")

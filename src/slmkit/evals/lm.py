@@ -1,6 +1,6 @@
 """What a task asks of a model: the log-likelihood of a continuation after a context, and greedy
-generation until a stop string. `LocalLM` answers from an slmkit model; `evals.endpoint` from any
-OpenAI-compatible server.
+generation until a stop string. `LocalLM` answers from an slmkit model, `LlamaCppLM` from its GGUF
+export run by llama.cpp (`--engine llamacpp`), `evals.endpoint` from any OpenAI-compatible server.
 
 Log-likelihoods follow lm-evaluation-harness: the context and continuation are tokenized
 separately (the context's trailing spaces move onto the continuation), the context is cut from the
@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from slmkit.errors import SlmError
+from slmkit.generate import TextGenerator
+from slmkit.infer.sampling import SamplingParams
 
 ROUND_NATS = 1e-4
 
@@ -47,13 +49,13 @@ class Score:
     truncated: bool  # the context was cut from the left to fit the model
 
 
-class LocalLM:
-    """An slmkit model and its tokenizer, scored in batches of `batch_size` rows."""
+class ScoringLM:
+    """lm-evaluation-harness's tokenization, grouping and truncation rules, over a runtime that
+    gives log-probabilities at the last positions of a token sequence (`_tail_logprobs`) and
+    scores a question's continuations after their shared context (`_score_fitted`)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.max_length = min(max_length or model.config.max_position_embeddings,
-                              model.config.max_position_embeddings)
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of the context and of the continuation, as lm-evaluation-harness splits them."""
@@ -64,8 +66,8 @@ class LocalLM:
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[LoglikelihoodRequest], progress: bool = True) -> list[Score]:
-        """Requests that share a context (a question's choices) run it once into a KV cache; their
-        continuations then run together as rows over copies of that cache."""
+        """Requests that share a context (a question's choices) are scored together, so the runtime
+        can run that context once."""
         pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
         groups: dict[tuple[int, ...], list[int]] = {}  # context ids -> its requests, in request order
         for i, (ctx, cont) in enumerate(pairs):
@@ -90,6 +92,63 @@ class LocalLM:
         ctx = ctx[-room:] if truncated else ctx
         if not ctx:  # nothing to condition the first token on: lm-eval puts the BOS/EOS token there
             ctx = [self._prefix_token()]
+        return self._score_fitted(ctx, conts, truncated)
+
+    def _score_fitted(self, ctx: list[int], conts: list[list[int]], truncated: bool) -> list[Score]:
+        """Each continuation after `ctx`, which fits beside the longest of them."""
+        out = []
+        for cont in conts:
+            logprobs = self._tail_logprobs(ctx + cont[:-1], len(cont))  # (len(cont), V)
+            out.append(_score(logprobs[0], logprobs[1:] if len(cont) > 1 else None, cont, truncated))
+        return out
+
+    def _tail_logprobs(self, tokens: list[int], n: int) -> torch.Tensor:
+        """(n, V) float log-probabilities of the next token at the last n positions of `tokens`."""
+        raise NotImplementedError
+
+    def _score_alone(self, ctx: list[int], cont: list[int]) -> Score:
+        """lm-evaluation-harness's rule: the last max_length + 1 tokens of context + continuation,
+        of which the continuation's tokens that remain are scored."""
+        whole = ([self._prefix_token()] + ctx + cont)[-(self.max_length + 1):]
+        n = min(len(cont), len(whole) - 1)
+        logprobs = self._tail_logprobs(whole[:-1], n)
+        first, rest = logprobs[0], (logprobs[1:] if n > 1 else None)
+        return _score(first, rest, whole[-n:], truncated=True)
+
+    def _prefix_token(self) -> int:
+        tok = self.tokenizer
+        return next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+
+    def _text_generator(self):
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate_until(self, prompts: list[str], until: list[str], max_new_tokens: int,
+                       progress: bool = True) -> list[tuple[str, bool]]:
+        """(greedy continuation cut at the first stop string, prompt truncated) for each prompt, one
+        at a time (batch-invariant); a prompt longer than the context keeps its end."""
+        generator = self._text_generator()
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        room = generator.context_length - min(max_new_tokens, generator.context_length - 1)
+        outputs = []
+        for prompt in tqdm(prompts, desc="generating", unit="doc", disable=not progress, leave=False):
+            truncated = len(self.tokenizer.encode(prompt)) > room
+            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text  # cut at the stop
+            outputs.append((text, truncated))
+        return outputs
+
+
+class LocalLM(ScoringLM):
+    """An slmkit model and its tokenizer, scored in batches of `batch_size` rows: a question's
+    context runs once into a KV cache, and its continuations run together as rows over copies."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+        super().__init__(tokenizer, min(max_length or model.config.max_position_embeddings,
+                                        model.config.max_position_embeddings))
+        self.model, self.batch_size = model.eval(), batch_size
+
+    def _score_fitted(self, ctx: list[int], conts: list[list[int]], truncated: bool) -> list[Score]:
+        longest = max(len(c) for c in conts)
         span = len(ctx) + longest - 1
         cache = self.model.new_cache(1, span)
         first = torch.log_softmax(self.model(torch.tensor([ctx]), cache=cache, logits_to_keep=1)[0, -1].float(), -1)
@@ -106,36 +165,26 @@ class LocalLM:
             rest.update({j: logprobs[r, : len(conts[j]) - 1] for r, j in enumerate(chunk)})
         return [_score(first, rest.get(j), cont, truncated) for j, cont in enumerate(conts)]
 
-    def _score_alone(self, ctx: list[int], cont: list[int]) -> Score:
-        """lm-evaluation-harness's rule: the last max_length + 1 tokens of context + continuation,
-        of which the continuation's tokens that remain are scored."""
-        whole = ([self._prefix_token()] + ctx + cont)[-(self.max_length + 1):]
-        n = min(len(cont), len(whole) - 1)
-        logprobs = torch.log_softmax(self.model(torch.tensor([whole[:-1]]), logits_to_keep=n)[0].float(), -1)
-        first, rest = logprobs[0], (logprobs[1:] if n > 1 else None)
-        return _score(first, rest, whole[-n:], truncated=True)
+    def _tail_logprobs(self, tokens: list[int], n: int) -> torch.Tensor:
+        return torch.log_softmax(self.model(torch.tensor([tokens]), logits_to_keep=n)[0].float(), -1)
 
-    def _prefix_token(self) -> int:
-        tok = self.tokenizer
-        return next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    def _text_generator(self):
+        return TextGenerator(self.model, self.tokenizer, self.max_length)
 
-    @torch.inference_mode()
-    def generate_until(self, prompts: list[str], until: list[str], max_new_tokens: int,
-                       progress: bool = True) -> list[tuple[str, bool]]:
-        """(greedy continuation cut at the first stop string, prompt truncated) for each prompt, one
-        at a time (batch-invariant); a prompt longer than the context keeps its end."""
-        from slmkit.generate import TextGenerator
-        from slmkit.infer.sampling import SamplingParams
 
-        generator = TextGenerator(self.model, self.tokenizer, self.max_length)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-        room = generator.context_length - min(max_new_tokens, generator.context_length - 1)
-        outputs = []
-        for prompt in tqdm(prompts, desc="generating", unit="doc", disable=not progress, leave=False):
-            truncated = len(self.tokenizer.encode(prompt)) > room
-            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text  # cut at the stop
-            outputs.append((text, truncated))
-        return outputs
+class LlamaCppLM(ScoringLM):
+    """A `LlamaCppEngine` (a GGUF export run by llama.cpp) and its tokenizer. Continuations are
+    scored one by one; the engine keeps the shared context in its cache between them."""
+
+    def __init__(self, engine, tokenizer):
+        super().__init__(tokenizer, engine.max_seq_len)
+        self.engine = engine
+
+    def _tail_logprobs(self, tokens: list[int], n: int) -> torch.Tensor:
+        return torch.log_softmax(self.engine.tail_logits(tokens, n).float(), -1)
+
+    def _text_generator(self):
+        return TextGenerator(None, self.tokenizer, engine=self.engine)
 
 
 def _repeated(model, cache, rows: int, span: int):

@@ -75,6 +75,8 @@ def choose_engine(requested: str, spec: str, torch_only: list[str] = ()) -> str:
     if requested == "torch" or torch_only or not available():
         return "torch"
     target = resolve(spec)
+    if isinstance(target, str):  # a preset: random weights, which only the torch engine makes
+        return "torch"
     if isinstance(target, Path) and target.is_file():  # already a GGUF
         return "llamacpp"
     try:  # auto: llama.cpp unless the model cannot be written as GGUF llama
@@ -129,6 +131,11 @@ def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> tuple[P
     if not export_ok or not (entry / "tokenizer_config.json").is_file():
         _build(spec, target, entry, gguf, gguf_type, progress)
     return gguf, read_hf_config(entry), Tokenizer.from_dir(entry)
+
+
+def gguf_kind(gguf: Path, gguf_type: str) -> str:
+    """What `runtime_files` gave: 'gguf' for a GGUF run as it is, else the export's type."""
+    return gguf_type if cache_dir().resolve() in gguf.resolve().parents else "gguf"
 
 
 def _intact(gguf: Path) -> bool:
@@ -256,13 +263,23 @@ class LlamaCppEngine:
             g.prefill_seconds, g.decode_seconds = prefill_s, decode_s
         return results
 
-    def logits(self, tokens: list[int]) -> torch.Tensor:
-        """(T, V) next-token logits at every position of `tokens` (scoring; forgets the cache)."""
-        self.check_prompt(tokens)
-        llama_cpp.llama_memory_clear(self._memory, True)
-        self.cached_tokens = []
-        return torch.cat([self._run([(0, t, first + i, True) for i, t in enumerate(tokens[first:first + self.batch_tokens])])
-                          for first in range(0, len(tokens), self.batch_tokens)])
+    def tail_logits(self, tokens: list[int], n: int) -> torch.Tensor:
+        """(n, V) next-token logits at the last n positions of `tokens` (scoring continuations).
+        Sequence 0 keeps what it holds of the longest shared prefix, so the choices of a question
+        run their shared context once."""
+        check_prompt(tokens, self.max_seq_len + 1, self.vocab_size)  # scoring needs no room for a new token
+        keep = min(shared_prefix(self.cached_tokens, tokens), len(tokens) - n)
+        if not llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1):
+            llama_cpp.llama_memory_clear(self._memory, True)
+            keep = 0
+        self.cached_tokens = list(tokens)
+        entries = [(0, tokens[pos], pos, pos >= len(tokens) - n) for pos in range(keep, len(tokens))]
+        return torch.cat([self._run(entries[i:i + self.batch_tokens])
+                          for i in range(0, len(entries), self.batch_tokens)])
+
+    @property
+    def parameters(self) -> int:
+        return int(llama_cpp.llama_model_n_params(self._model))
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Run each prompt into its sequence (a single prompt keeps what sequence 0 already holds);
