@@ -53,9 +53,10 @@ def test_the_export_cache_is_reused_and_rebuilt_when_damaged(tiny, tmp_path, mon
     model, _, hf = tiny
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path))
     said = []
-    gguf, config, tokenizer = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
-    assert len(said) == 1 and gguf.is_file() and config.hidden_size == model.config.hidden_size
-    again, _, _ = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
+    files = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append)
+    gguf, config = files.gguf, files.config
+    assert len(said) == 1 and gguf.is_file() and config.hidden_size == model.config.hidden_size and files.lora is None
+    again = llamacpp.runtime_files(str(hf), "q8_0", progress=said.append).gguf
     assert again == gguf and len(said) == 1  # reused, not exported again
     data = bytearray(gguf.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in the weights
@@ -140,3 +141,44 @@ def test_eval_and_bench_run_on_llama_cpp_from_the_cli(tiny, data_dir, tmp_path):
     assert row["engine"] == "llamacpp" and row["dtype"] == "q8_0" and set(row["batches"]) == {"1", "2"}
     assert row["batches"]["2"]["decode_tok_s"]["median"] > 0
     assert main(["bench", "tiny", "--engine", "llamacpp"]) == 2  # random weights: torch only
+
+
+def test_a_lora_adapter_runs_as_a_llama_cpp_adapter_over_its_base_export(tiny, tiny_tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """An adapter directory becomes the base's (shared, cached) GGUF plus a llama.cpp LoRA file; llama.cpp
+    follows slmkit with the same adapter over the same exported base: next-token distributions within a
+    small KL, the same greedy tokens up to the first near-tie."""
+    from slmkit.adapters.lora import LoraConfig, add_lora, lora_layers
+    from slmkit.adapters.merge import with_adapter_copy
+    from slmkit.adapters.peft_format import save_adapter
+
+    model, _, hf = tiny
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    adapted = with_adapter_copy(model)
+    add_lora(adapted, LoraConfig(r=4, alpha=8), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _, layer in lora_layers(adapted):
+            layer.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_adapter(adapted, tmp_path / "adapter", str(hf), tiny_tokenizer)
+    said = []
+    files = llamacpp.runtime_files(str(tmp_path / "adapter"), "f16", progress=said.append)
+    assert files.lora is not None and files.lora.is_file() and len(said) == 2  # the adapter, then its base
+    assert llamacpp.runtime_files(str(hf), "f16", progress=said.append).gguf == files.gguf  # shared export
+    assert len(said) == 2
+    reference = Engine(load(str(tmp_path / "adapter"), base=str(files.gguf), merge=True).model)
+    base_only = Engine(load(str(files.gguf)).model)
+    engine = llamacpp.LlamaCppEngine.for_files(files, max_seq_len=128)
+    params = SamplingParams(max_new_tokens=24)
+    for prompt in PROMPTS:
+        expected = reference.generate([prompt], params)[0].tokens
+        assert base_only.generate([prompt], params)[0].tokens != expected  # the adapter does change the text
+        seq = prompt + expected
+        ours = engine.tail_logits(seq[:-1], len(expected)).float().log_softmax(-1)  # (24, V)
+        theirs = reference.model(torch.tensor([seq]))[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        kl = (theirs.exp() * (theirs - ours)).sum(-1)
+        assert kl.mean() < 5e-3 and kl.max() < 0.05, kl
+        # the same tokens up to the first near-tie (f16 rounding may break a tie either way)
+        top2 = theirs.topk(2).values
+        ties = ((top2[:, 0] - top2[:, 1]) < 0.1).nonzero()
+        agree = int(ties[0]) if len(ties) else len(expected)
+        assert engine.generate([prompt], params)[0].tokens[:agree] == expected[:agree]

@@ -25,7 +25,8 @@ QUESTION = [{"role": "user", "content": "Give me three tips for staying healthy.
 
 @pytest.fixture(scope="module")
 def files():
-    return llamacpp.runtime_files("smollm2-135m-instruct", progress=lambda _: None)  # the bundled GGUF, as it is
+    files = llamacpp.runtime_files("smollm2-135m-instruct", progress=lambda _: None)  # the bundled GGUF, as it is
+    return files.gguf, files.config, files.tokenizer
 
 
 @pytest.fixture(scope="module")

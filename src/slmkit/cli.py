@@ -525,10 +525,9 @@ def _load_generator(args):
 
     torch_only = [flag for flag, on in (("--compile", args.compile), ("--speculate", args.speculate)) if on]
     if choose_engine(args.engine, args.model, torch_only) == "llamacpp":
-        gguf, config, tokenizer = runtime_files(args.model, args.gguf_type,
-                                                progress=lambda m: print(m, file=sys.stderr))
-        engine = LlamaCppEngine(gguf, config, args.context, threads=args.threads)
-        return config.name or args.model, TextGenerator(None, tokenizer, engine=engine)
+        files = runtime_files(args.model, args.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+        engine = LlamaCppEngine.for_files(files, args.context, threads=args.threads)
+        return files.config.name or args.model, TextGenerator(None, files.tokenizer, engine=engine)
     dtype = getattr(torch, args.dtype)
     loaded = load(args.model, dtype=dtype, merge=True)
     drafter = _drafter(speculate, loaded, dtype, args.context)
@@ -846,12 +845,12 @@ def _eval_lm(args):
     from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
 
     if choose_engine(args.engine, args.model) == "llamacpp":
-        gguf, config, tokenizer = runtime_files(args.model, args.gguf_type, progress=lambda m: print(m, file=sys.stderr))
-        engine = LlamaCppEngine(gguf, config, threads=args.threads)
-        size = gguf.stat().st_size
-        return LlamaCppLM(engine, tokenizer), {
+        files = runtime_files(args.model, args.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+        engine = LlamaCppEngine.for_files(files, threads=args.threads)
+        size = files.gguf.stat().st_size + (files.lora.stat().st_size if files.lora else 0)
+        return LlamaCppLM(engine, files.tokenizer), {
             "params": engine.parameters, "file_mib": size / 2**20, "bits": round(8 * size / engine.parameters, 2),
-            "quantization": None, "gguf_type": gguf_kind(gguf, args.gguf_type).upper(),
+            "quantization": None, "gguf_type": gguf_kind(files.gguf, args.gguf_type).upper(),
             "engine": "llamacpp"}
     loaded = _eval_model(args.model, getattr(torch, args.dtype))
     return LocalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size), model_info(loaded)

@@ -116,11 +116,11 @@ def _llamacpp_engine(spec: str, settings: BenchSettings):
 
     from slmkit.infer.llamacpp import LlamaCppEngine, gguf_kind, runtime_files
 
-    gguf, config, _ = runtime_files(spec, settings.gguf_type, progress=lambda m: print(m, file=sys.stderr))
-    engine = LlamaCppEngine(gguf, config, settings.prompt_tokens + settings.new_tokens, settings.threads,
-                            sequences=max(settings.batches))
-    return engine, ModelBench(spec, engine.parameters, gguf.stat().st_size / 2**20, 0.0, 0.0,
-                              gguf_kind(gguf, settings.gguf_type),
+    files = runtime_files(spec, settings.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+    engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, settings.threads,
+                                      sequences=max(settings.batches))
+    size = files.gguf.stat().st_size + (files.lora.stat().st_size if files.lora else 0)
+    return engine, ModelBench(spec, engine.parameters, size / 2**20, 0.0, 0.0, gguf_kind(files.gguf, settings.gguf_type),
                               settings.threads or torch.get_num_threads(), engine="llamacpp")
 
 

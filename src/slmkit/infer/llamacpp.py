@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from slmkit.infer.engine import (Generation, TokenCallback, accept_token, check_
 from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
 from slmkit.fileio import atomic_write, write_json
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
+from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config
 from slmkit.adapters.peft_format import is_adapter_dir, read_adapter
 from slmkit.load import find_base, inspect, load, resolve
@@ -113,13 +115,25 @@ def source_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> tuple[Path, ModelConfig, Tokenizer]:
-    """(GGUF file, architecture, tokenizer) for running MODEL in llama.cpp.
+@dataclass
+class RuntimeFiles:
+    """What llama.cpp runs for a MODEL argument."""
 
-    A GGUF is run as is; anything else is exported once to `gguf_type`. Each source gets a cache
-    entry keyed by its content hash: the export (with its checksum: a damaged file is rebuilt, never
-    loaded) and the config and tokenizer as JSON, because reading them back from a GGUF with gguf-py
-    takes seconds where JSON takes milliseconds."""
+    gguf: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    lora: Path | None = None  # a llama.cpp LoRA adapter applied over `gguf`
+
+
+def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> RuntimeFiles:
+    """The GGUF file, architecture and tokenizer for running MODEL in llama.cpp.
+
+    A GGUF is run as is; a LoRA adapter becomes a llama.cpp adapter file over its base's GGUF
+    (the base's export is shared by all its adapters; DoRA and adapters of a tied head, which
+    llama.cpp cannot apply, are merged and exported instead); anything else is exported once to
+    `gguf_type`. Each source gets a cache entry keyed by its content hash: the export (with its
+    checksum: a damaged file is rebuilt, never loaded) and the config and tokenizer as JSON,
+    because reading them back from a GGUF with gguf-py takes seconds where JSON takes milliseconds."""
     if gguf_type not in GGUF_TYPES:
         raise SlmError(f"--gguf-type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}")
     target = resolve(spec)
@@ -128,9 +142,31 @@ def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> tuple[P
     entry = cache_dir() / f"{target.resolve().name}-{source_hash(target)[:16]}"
     gguf = target if target.is_file() else entry / f"model-{gguf_type}.gguf"
     export_ok = target.is_file() or _intact(gguf)  # a GGUF source has no export to check
+    if not export_ok and is_adapter_dir(target):
+        files = _adapter_files(spec, target, entry, gguf_type, progress)
+        if files is not None:
+            return files
     if not export_ok or not (entry / "tokenizer_config.json").is_file():
         _build(spec, target, entry, gguf, gguf_type, progress)
-    return gguf, read_hf_config(entry), Tokenizer.from_dir(entry)
+    return RuntimeFiles(gguf, read_hf_config(entry), Tokenizer.from_dir(entry))
+
+
+def _adapter_files(spec: str, target: Path, entry: Path, gguf_type: str, progress) -> RuntimeFiles | None:
+    """The adapter as a llama.cpp LoRA file over its base's runtime files; None when llama.cpp
+    cannot apply it as an adapter."""
+    lora = entry / "adapter-f32.gguf"
+    if not _intact(lora) or not (entry / "tokenizer_config.json").is_file():
+        progress(f"exporting the adapter {spec} for llama.cpp (once; cached in {entry})")
+        loaded = load(spec, dtype=torch.float32)  # not merged: the LoRA layers are what is written
+        entry.mkdir(parents=True, exist_ok=True)
+        try:
+            write_gguf_lora(loaded.model, lora, target.resolve().name)
+        except SlmError:  # DoRA or a tied head: the caller merges and exports the whole model
+            return None
+        _seal(lora)
+        _write_entry(entry, loaded.model.config, loaded.tokenizer, spec)
+    base = runtime_files(find_base(read_adapter(target)), gguf_type, progress)
+    return RuntimeFiles(base.gguf, read_hf_config(entry), Tokenizer.from_dir(entry), lora)
 
 
 def gguf_kind(gguf: Path, gguf_type: str) -> str:
@@ -155,22 +191,29 @@ def _build(spec: str, target: Path, entry: Path, gguf: Path, gguf_type: str, pro
             write_gguf(loaded.model, loaded.tokenizer, gguf, gguf_type)
         except SlmError as error:
             raise SlmError(f"{error}. llama.cpp cannot run it: use --engine torch") from None
-        atomic_write(gguf.with_name(gguf.name + ".sha256"), lambda tmp: tmp.write_text(_file_hash(gguf) + "\n"))
+        _seal(gguf)
         config, tokenizer = loaded.model.config, loaded.tokenizer
+    _write_entry(entry, config, tokenizer, spec)
+
+
+def _seal(path: Path) -> None:
+    """The checksum `_intact` compares against."""
+    atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: tmp.write_text(_file_hash(path) + "\n"))
+
+
+def _write_entry(entry: Path, config: ModelConfig, tokenizer: Tokenizer | None, spec: str) -> None:
     if tokenizer is None:
         raise SlmError(f"'{spec}' has no tokenizer; text generation needs one")
     write_json(entry / "config.json", config_to_hf(config, torch.float32))
     tokenizer.save(entry)  # last: its tokenizer_config.json marks a finished entry
 
 
-# -- the engine -----------------------------------------------------------------------------------
-
-
 class LlamaCppEngine:
     def __init__(self, gguf: str | Path, config: ModelConfig, max_seq_len: int | None = None,
-                 threads: int | None = None, sequences: int = 1, batch_tokens: int = 512):
+                 threads: int | None = None, sequences: int = 1, batch_tokens: int = 512, lora: Path | None = None):
         """gguf: the file to run; config: its architecture (`slmkit.load.inspect`); sequences: prompts
-        decoded together (more are done in groups of this size)."""
+        decoded together (more are done in groups of this size); lora: a llama.cpp adapter file
+        applied over `gguf` (see `RuntimeFiles`)."""
         if llama_cpp is None:
             raise SlmError(MISSING)
         llama_cpp.llama_backend_init()
@@ -190,10 +233,25 @@ class LlamaCppEngine:
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise SlmError("llama.cpp could not create a context (too little memory for the context length?)")
+        if lora is not None:
+            self._apply_lora(lora)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._batch = llama_cpp.llama_batch_init(batch_tokens, 0, 1)
         self.cached_tokens: list[int] = []  # what sequence 0 holds, for single-prompt prefix reuse
+
+    @classmethod
+    def for_files(cls, files: RuntimeFiles, max_seq_len: int | None = None, threads: int | None = None,
+                  sequences: int = 1) -> LlamaCppEngine:
+        return cls(files.gguf, files.config, max_seq_len, threads, sequences, lora=files.lora)
+
+    def _apply_lora(self, path: Path) -> None:
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())  # freed with the model
+        if not adapter:
+            raise SlmError(f"llama.cpp could not load the adapter '{path}' over this model")
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+            raise SlmError(f"llama.cpp could not apply the adapter '{path}'")
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

@@ -64,12 +64,12 @@ def load_backend(name: str, model: str, args, pool: ModelPool | None = None):
     from slmkit.serve.runners import LlamaCppRunner
 
     if choose_engine(getattr(args, "engine", "torch"), model) == "llamacpp":
-        gguf, config, tokenizer = runtime_files(model, args.gguf_type)
+        files = runtime_files(model, args.gguf_type)
         # llama.cpp reserves every sequence's KV cache up front: a model's full context (8k for SmolLM2)
         # times 8-32 sequences would take gigabytes, so a request gets 2048 tokens unless --context says
-        context = args.context or min(config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
-        engine = LlamaCppEngine(gguf, config, context, threads=args.threads, sequences=args.max_batch)
-        return LocalBackend(name, LlamaCppRunner(engine), tokenizer, args.max_batch, args.max_queue, context)
+        context = args.context or min(files.config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
+        engine = LlamaCppEngine.for_files(files, context, threads=args.threads, sequences=args.max_batch)
+        return LocalBackend(name, LlamaCppRunner(engine), files.tokenizer, args.max_batch, args.max_queue, context)
     pool = pool or ModelPool(getattr(torch, args.dtype))
     weights, tokenizer = pool.get(model)
     return LocalBackend(name, weights, tokenizer, args.max_batch, args.max_queue, args.context)
