@@ -9,6 +9,12 @@ to raw llama-cpp-python (`Llama.generate`, greedy) on the same GGUF file (Q8_0 a
 the same weights; batch 1, the only batch `Llama` decodes).
 
     python bench/decode.py [--rounds 3] [--prompt-tokens 128] [--new-tokens 64] [--no-compile] [--no-llamacpp]
+                           [--start-times]
+
+With compilation on, bf16 and int4 (RTN, group 32) are also timed through `torch.compile` with the
+engine's settings (`slmkit.infer.engine.COMPILE_OPTIONS`); --start-times also measures how long a
+fresh process takes from the compile call to its first tokens on int4, with an empty inductor cache
+and again with the cache the first start left (what a second `slm generate --compile` pays).
 
 Writes bench/results/decode.json and prints a table.
 """
@@ -20,6 +26,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +74,38 @@ def slmkit_runner(model, dtype, compile: bool = False):
         return time.perf_counter() - start
 
     return run
+
+
+def int4_model():
+    model = load("smollm2-135m-instruct", dtype=torch.float32).model
+    quantize_model(model, QuantConfig(method="int4", group_size=32), progress=False)
+    return model
+
+
+START_CODE = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from decode import int4_model
+from slmkit.infer.engine import Engine
+from slmkit.infer.sampling import SamplingParams
+model = int4_model()
+start = time.perf_counter()
+Engine(model, compile=True).generate([list(range(100, 116))], SamplingParams(max_new_tokens=4))
+print(time.perf_counter() - start)
+"""
+
+
+def compile_start_seconds() -> dict:
+    """Seconds from `Engine(compile=True)` to the first tokens in a fresh process: with an empty
+    inductor cache, then with the cache that first start wrote."""
+    code = START_CODE.format(bench=str(Path(__file__).resolve().parent))
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for which in ("first", "second"):
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            out[which] = float(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def transformers_runner():
@@ -136,14 +177,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (saves ~2 min)")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp rows")
+    parser.add_argument("--start-times", action="store_true",
+                        help="also time compiled int4's first and second start in fresh processes (~8 min)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode.json"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     loaded = load("smollm2-135m-instruct", dtype=torch.float32)
     prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
-    int4 = load("smollm2-135m-instruct", dtype=torch.float32).model
-    quantize_model(int4, QuantConfig(method="int4", group_size=32), progress=False)
+    int4 = int4_model()
     runners = {
         "transformers fp32": transformers_runner(),
         "slmkit fp32": slmkit_runner(load("smollm2-135m-instruct", dtype=torch.float32).model, torch.float32),
@@ -153,6 +195,7 @@ def main() -> None:
     if not args.no_compile:
         compiled = load("smollm2-135m-instruct", dtype=torch.bfloat16).model
         runners["slmkit bf16 compiled"] = slmkit_runner(compiled, torch.bfloat16, compile=True)
+        runners["slmkit int4 compiled"] = slmkit_runner(int4_model(), torch.float32, compile=True)
     batch_one = set()  # runners that decode one sequence only
     if not args.no_llamacpp and available():
         out = ROOT / "runs" / "bench-decode"
@@ -189,8 +232,9 @@ def main() -> None:
         raw = next((r for r in rows if row["engine"].startswith("slmkit llamacpp") and r["batch"] == row["batch"]
                     and r["engine"] == row["engine"].replace("slmkit llamacpp", "llama.cpp raw")), None)
         row["decode_vs_raw_llamacpp"] = row["decode_tps"] / raw["decode_tps"] if raw else None
+    starts = compile_start_seconds() if args.start_times else None
     result = {
-        "benchmark": "decode", "model": "SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized)",
+        "benchmark": "decode", "compiled_int4_start_s": starts, "model": "SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized)",
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "results": rows,
@@ -198,6 +242,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print_table(rows)
+    if starts:
+        print(f"compiled int4, compile call to first tokens: first start {starts['first']:.0f} s, "
+              f"second start {starts['second']:.0f} s")
     print(f"wrote {args.out}")
 
 

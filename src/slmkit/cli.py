@@ -46,7 +46,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="maximum tokens in the context (default: the model's own limit)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~1.4x faster decoding after ~1 min of compiling")
+                   help="torch.compile the decode step (torch engine): ~1.5-2x faster decoding after 2-5 min of "
+                        "compiling on first use (1-2 min on later starts, from inductor's cache)")
     p.add_argument("--speculate", metavar="lookup|draft=MODEL", default=None,
                    help="speculative decoding, same text: 'lookup' drafts by matching the prompt's n-grams (good "
                         "for summaries and extraction); 'draft=MODEL' drafts with a smaller model of the same "

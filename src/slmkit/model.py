@@ -111,6 +111,41 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
 
+    def restart(self, valid: torch.Tensor | None = None) -> None:
+        """Empty the cache for new rows; valid (B, max_len) marks the real tokens of left-padded
+        prompts (None: no padding)."""
+        self.length, self.key_valid = 0, valid
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` slots (a reused prompt prefix, or the accepted part of a guess)."""
+        self.length = length
+
+    def open_slot(self) -> None:
+        """Before a decode step: the slot it writes holds a real token in every row."""
+        if self.key_valid is not None:
+            self.key_valid[:, self.length] = True
+
+    def empty_like(self, batch: int, max_len: int) -> KVCache:
+        """A new, empty cache of this one's shapes, dtype and device."""
+        shapes = [(key.shape[1], key.shape[3]) for key in self.keys]
+        return KVCache(shapes, batch, max_len, self.keys[0].dtype, self.keys[0].device)
+
+    def copy_from(self, src: KVCache, rows, start: int, src_rows, src_slots: slice) -> None:
+        """Copy keys, values and validity of `src`'s rows and slots into this cache's `rows`, from
+        slot `start` (a source without a validity mask is valid throughout)."""
+        into = slice(start, start + src_slots.stop - (src_slots.start or 0))
+        for d, s in zip(self.keys + self.values, src.keys + src.values):
+            d[rows, :, into] = s[src_rows, :, src_slots]
+        if self.key_valid is not None:
+            self.key_valid[rows, into] = True if src.key_valid is None else src.key_valid[src_rows, src_slots]
+
+    def repeated(self, rows: int, max_len: int) -> KVCache:
+        """A cache of `rows` rows, each a copy of this one-row cache's filled slots."""
+        big = self.empty_like(rows, max_len)
+        big.copy_from(self, slice(None), 0, slice(None), slice(0, self.length))
+        big.length = self.length
+        return big
+
 
 def attention_mask(
     start: int, t: int, key_valid: torch.Tensor | None, window: int | None, device=None,

@@ -160,7 +160,7 @@ class LocalLM(ScoringLM):
             ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # right padding
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row)
-            logits = self.model(ids, cache=_repeated(self.model, cache, len(rows), span))
+            logits = self.model(ids, cache=cache.repeated(len(rows), span))
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (rows, T, V)
             rest.update({j: logprobs[r, : len(conts[j]) - 1] for r, j in enumerate(chunk)})
         return [_score(first, rest.get(j), cont, truncated) for j, cont in enumerate(conts)]
@@ -185,15 +185,6 @@ class LlamaCppLM(ScoringLM):
 
     def _text_generator(self):
         return TextGenerator(None, self.tokenizer, engine=self.engine)
-
-
-def _repeated(model, cache, rows: int, span: int):
-    """A cache of `rows` rows, each a copy of the one-row `cache`'s filled slots."""
-    big = model.new_cache(rows, span, cache.keys[0].dtype)
-    for mine, theirs in zip(big.keys + big.values, cache.keys + cache.values):
-        mine[:, :, : cache.length] = theirs[:, :, : cache.length]
-    big.length = cache.length
-    return big
 
 
 def _score(first: torch.Tensor, rest: torch.Tensor | None, cont: list[int], truncated: bool) -> Score:

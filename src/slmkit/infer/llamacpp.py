@@ -31,9 +31,8 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import TokenMatcher
-from slmkit.infer.engine import (Generation, TokenCallback, accept_token, check_prompt, prompt_history,
-                                 shared_prefix)
-from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
+from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows, shared_prefix
+from slmkit.infer.sampling import SamplingParams
 from slmkit.fileio import atomic_write, write_json
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
@@ -288,34 +287,13 @@ class LlamaCppEngine:
         logits = self._prefill(prompts)  # (B, V)
         prefill_s = time.perf_counter() - start
         budget = min(params.max_new_tokens, self.max_seq_len - max(len(p) for p in prompts))
-        results = [Generation([], "length", len(p)) for p in prompts]
-        generator, stops = make_generator(params.seed), set(params.stop_token_ids)
-        history = prompt_history(prompts) if params.repetition_penalty != 1.0 else None
-        counts = torch.zeros_like(logits) if params.penalizes_counts else None
-        live = list(range(len(prompts)))  # rows still generating, in logits order
-        while live:
-            allowed = torch.stack([matchers[r].allowed() for r in live]) if matchers else None
-            rows_history = history[live] if history is not None else None
-            rows_counts = counts[live] if counts is not None else None
-            token = sample(logits, params, generator, rows_history, rows_counts, allowed).tolist()  # (len(live),)
-            if counts is not None:
-                counts[live] = count_tokens(rows_counts, torch.tensor(token))
-            if history is not None:
-                column = history[:, -1:].clone()
-                column[live, 0] = torch.tensor(token)
-                history = torch.cat([history, column], dim=1)
-            feed = []
-            for row, tok in zip(live, token):
-                if matchers and tok not in stops:
-                    matchers[row].advance(tok)
-                if not accept_token(results[row], row, tok, stops, budget, on_token):
-                    feed.append((row, tok))
-            if len(prompts) == 1 and feed:
+
+        def step(feed: list[tuple[int, int, int]]) -> torch.Tensor:  # row i is sequence i
+            if len(prompts) == 1:
                 self.cached_tokens.append(feed[0][1])
-            live = [row for row, _ in feed]
-            if live:
-                logits = self.step([(row, tok, len(prompts[row]) + len(results[row].tokens) - 1)
-                                       for row, tok in feed])
+            return self.step(feed)
+
+        results = decode_rows(prompts, logits, params, budget, on_token, step, matchers)
         decode_s = time.perf_counter() - start - prefill_s
         for g in results:
             g.prefill_seconds, g.decode_seconds = prefill_s, decode_s

@@ -143,3 +143,52 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TokenChooser:
+    """The sampling state of rows decoded together, and the one place a next token is chosen.
+
+    It holds one generator (a seed reproduces the draws), each row's history (repetition penalty:
+    prompt + chosen tokens), its generated-token counts (frequency/presence penalties) and its
+    grammar matcher (structured output). Every decode loop — `Engine` (plain and speculative), the
+    llama.cpp engine and each row of the server's scheduler — chooses through it, so a request's
+    tokens do not depend on which loop runs it."""
+
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], vocab_size: int,
+                 matchers: list | None = None, stops: set[int] | None = None):
+        """matchers: one per row (`slmkit.infer.constrain.TokenMatcher`), or None; stops: token ids
+        that end a row (a grammar never advances over them)."""
+        self.params, self.matchers = params, matchers
+        self.stops = set(params.stop_token_ids) if stops is None else stops
+        self.generator = make_generator(params.seed)
+        self.history = _padded_history(prompts) if params.repetition_penalty != 1.0 else None  # (B, L)
+        self.counts = torch.zeros(len(prompts), vocab_size) if params.penalizes_counts else None  # (B, V)
+
+    def choose(self, logits: torch.Tensor, rows: list[int] | None = None) -> list[int]:
+        """The next token of each row in `rows` (default: every row, in order) from their logits
+        (len(rows), V); those rows' state then records it."""
+        rows = list(range(len(logits))) if rows is None else rows
+        index = torch.tensor(rows)
+        allowed = torch.stack([self.matchers[r].allowed() for r in rows]) if self.matchers else None
+        history = self.history[index].to(logits.device) if self.history is not None else None
+        counts = self.counts[index] if self.counts is not None else None
+        tokens = sample(logits, self.params, self.generator, history, counts, allowed).cpu()
+        if self.counts is not None:
+            self.counts[index] = count_tokens(counts, tokens)
+        if self.history is not None:  # rows not chosen for repeat their last id (a no-op for the penalty)
+            column = self.history[:, -1:].clone()
+            column[index, 0] = tokens
+            self.history = torch.cat([self.history, column], dim=1)
+        chosen = tokens.tolist()
+        if self.matchers:
+            for row, tok in zip(rows, chosen):
+                if tok not in self.stops:
+                    self.matchers[row].advance(tok)
+        return chosen
+
+
+def _padded_history(prompts: list[list[int]]) -> torch.Tensor:
+    """(B, L) ids seen so far; short rows are padded with their own first token (a no-op for
+    the repetition penalty, which only asks whether a token occurred)."""
+    longest = max(len(p) for p in prompts)
+    return torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts])

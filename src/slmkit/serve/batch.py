@@ -39,8 +39,8 @@ class BatchCache:
         old, rows, length = self.cache, self.rows, max(self.length, n)
         new = self._allocate(rows + 1, length + HEADROOM, length)
         if old is not None:  # old rows move right so that they still end at `length`
-            _copy_slots(new, slice(0, rows), length - old.length, old, slice(None), slice(0, old.length))
-        _copy_slots(new, rows, length - n, prefilled, row, slice(first_slot, prefilled.length))
+            new.copy_from(old, slice(0, rows), length - old.length, slice(None), slice(0, old.length))
+        new.copy_from(prefilled, rows, length - n, row, slice(first_slot, prefilled.length))
         self.cache, self.rows = new, rows + 1
         return rows
 
@@ -52,7 +52,7 @@ class BatchCache:
         old, index = self.cache, torch.tensor(keep)
         first = int(old.key_valid[index, : old.length].any(0).int().argmax())  # slots every kept row masks
         new = self._allocate(len(keep), old.length - first + HEADROOM, old.length - first)
-        _copy_slots(new, slice(None), 0, old, index, slice(first, old.length))
+        new.copy_from(old, slice(None), 0, index, slice(first, old.length))
         self.cache, self.rows = new, len(keep)
 
     def before_step(self) -> KVCache:
@@ -60,22 +60,13 @@ class BatchCache:
         cache = self.cache
         if cache.length >= cache.max_len:
             grown = self._allocate(self.rows, cache.length + HEADROOM, cache.length)
-            _copy_slots(grown, slice(None), 0, cache, slice(None), slice(0, cache.length))
+            grown.copy_from(cache, slice(None), 0, slice(None), slice(0, cache.length))
             self.cache = cache = grown
-        cache.key_valid[:, cache.length] = True
+        cache.open_slot()
         return cache
 
     def _allocate(self, rows: int, slots: int, length: int) -> KVCache:
         cache = self.model.new_cache(rows, slots, self.dtype)
-        cache.key_valid = torch.zeros(rows, slots, dtype=torch.bool)
-        cache.length = length
+        cache.restart(torch.zeros(rows, slots, dtype=torch.bool))
+        cache.rewind(length)
         return cache
-
-
-def _copy_slots(dst: KVCache, dst_rows, dst_start: int, src: KVCache, src_rows, src_slots: slice) -> None:
-    """Copy keys, values and validity of `src`'s rows and slots into `dst`, from slot `dst_start`
-    (a cache without a validity mask is valid throughout)."""
-    into = slice(dst_start, dst_start + src_slots.stop - (src_slots.start or 0))
-    for d, s in zip(dst.keys + dst.values, src.keys + src.values):
-        d[dst_rows, :, into] = s[src_rows, :, src_slots]
-    dst.key_valid[dst_rows, into] = True if src.key_valid is None else src.key_valid[src_rows, src_slots]

@@ -41,7 +41,7 @@ class TorchRunner:
         longest = max(len(p) for p in prompts)
         ids, valid, positions = left_padded(prompts, longest)  # (J, T) each
         cache = self.model.new_cache(len(prompts), longest, self.cache_dtype)
-        cache.key_valid = valid if min(len(p) for p in prompts) < longest else None
+        cache.restart(valid if min(len(p) for p in prompts) < longest else None)
         logits = self.model(ids, cache=cache, positions=positions, logits_to_keep=0 if all_logits else 1).float()
         handles = [(cache, row, longest - len(p)) for row, p in enumerate(prompts)]
         return handles, [logits[row, longest - len(p):] if all_logits else logits[row] for row, p in enumerate(prompts)]

@@ -27,7 +27,7 @@ import torch
 from slmkit.errors import SlmError
 from slmkit.generate import TextStream
 from slmkit.infer.constrain import TokenMatcher
-from slmkit.infer.sampling import SamplingParams, count_tokens, make_generator, sample
+from slmkit.infer.sampling import SamplingParams, TokenChooser
 from slmkit.serve.runners import LlamaCppRunner, TorchRunner
 from slmkit.tokenizer import Tokenizer
 
@@ -79,15 +79,13 @@ class Job:
 class _Row:
     job: Job
     stream: TextStream
-    generator: torch.Generator
+    chooser: TokenChooser  # its sampling state: seed, penalties' history and counts, grammar
     position: int  # RoPE position of the token fed at the next step (= tokens so far)
     logits: torch.Tensor  # (V,) logits for the next token
     last: int = -1  # the token fed at the next step
     generated: int = 0
     finish_reason: str | None = None
     pending: list[TokenInfo] = field(default_factory=list)  # tokens whose text the stream holds back
-    history: list[int] = field(default_factory=list)  # prompt + generated ids (the repetition penalty's)
-    counts: torch.Tensor | None = None  # (1, V) generated-token counts (frequency/presence penalties)
 
 
 PREFILL_TOKENS = 1024  # padded tokens per joint prefill pass
@@ -218,12 +216,10 @@ class Scheduler:
 
     def _start(self, job: Job, logits: torch.Tensor, handle) -> None:
         """A prefilled job (its next-token logits (V,), the runner's handle) becomes a decoding row."""
-        state = _Row(job, TextStream(self.tokenizer, job.stop), make_generator(job.params.seed), len(job.prompt),
-                     logits)
-        if job.params.repetition_penalty != 1.0:
-            state.history = list(job.prompt)
-        if job.params.penalizes_counts:
-            state.counts = torch.zeros(1, logits.shape[-1])
+        matchers = None if job.matcher is None else [job.matcher]
+        chooser = TokenChooser(job.params, [job.prompt], logits.shape[-1], matchers,
+                               self.stop_ids | set(job.params.stop_token_ids))
+        state = _Row(job, TextStream(self.tokenizer, job.stop), chooser, len(job.prompt), logits)
         if job.max_tokens == 0:  # echo-only scoring: nothing to generate
             self.runner.release(handle)
             self._finish(state, "length")
@@ -244,19 +240,10 @@ class Scheduler:
 
     def _choose(self, row: _Row) -> None:
         """Sample the row's next token from its logits and stream it (the token is fed next step)."""
-        params = row.job.params
-        history = torch.tensor([row.history]) if row.history else None  # (1, L)
-        matcher = row.job.matcher
-        allowed = matcher.allowed()[None] if matcher else None  # (1, V)
-        token = int(sample(row.logits[None], params, row.generator, history, row.counts, allowed)[0])
-        row.counts = count_tokens(row.counts, torch.tensor([token]))
-        if row.history:
-            row.history.append(token)
-        if token in self.stop_ids or token in params.stop_token_ids:
+        token = row.chooser.choose(row.logits[None])[0]  # a grammar has advanced over it
+        if token in row.chooser.stops:
             row.finish_reason = "stop"
             return
-        if matcher:
-            matcher.advance(token)
         row.generated, row.last = row.generated + 1, token
         row.pending.append(self._token_info(row.job, row.logits, token))
         text = row.stream.push(token)
