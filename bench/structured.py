@@ -2,6 +2,7 @@
 the grammar mask costs in decode speed, against the same prompts decoded freely in the same run.
 
     python bench/structured.py [--prompts 50] [--max-tokens 160] [--dtype bfloat16]
+                               [--engine torch|llamacpp] [--gguf-type q8_0]
 
 Fifty varied prompts from the shared task data: SST-2 sentences and Symptom2Disease descriptions
 under a JSON Schema each (enums, arrays, booleans, required fields, no extra properties) and
@@ -9,7 +10,9 @@ Self-Instruct instructions in JSON-object mode. Every prompt is decoded greedily
 without the format (in alternating order, so drift on a noisy machine hits both alike). An answer
 counts as valid only when it ended by itself and `jsonschema` accepts it: one cut off by the token
 budget counts as a failure. Speed = generated tokens / decode seconds over all prompts.
-Engine: the PyTorch engine (the llama.cpp runtime is not built yet). Writes bench/results/structured.json.
+Engine: the PyTorch engine at --dtype, or llama.cpp on a --gguf-type export of the same weights (the
+grammar mask is slmkit's on both). Writes bench/results/structured.json (torch) or
+structured-llamacpp.json.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from slmkit.data.shared import shared_data_dir  # noqa: E402
 from slmkit.evals.api import save_results  # noqa: E402
 from slmkit.generate import TextGenerator  # noqa: E402
 from slmkit.infer.constrain import OutputFormat  # noqa: E402
+from slmkit.infer.llamacpp import LlamaCppEngine, runtime_files  # noqa: E402
+from slmkit.interop.hf import save_hf  # noqa: E402
 from slmkit.infer.sampling import SamplingParams  # noqa: E402
 from slmkit.load import load  # noqa: E402
 
@@ -82,15 +87,37 @@ def valid(completion, schema: dict) -> bool:
     return True
 
 
+def generator(args) -> tuple[TextGenerator, str]:
+    if args.engine == "llamacpp":  # the bundled model's weights, exported to --gguf-type like `slm` does
+        source = runs_copy()
+        files = runtime_files(str(source), args.gguf_type)
+        return TextGenerator(None, files.tokenizer, engine=LlamaCppEngine.for_files(files)), f"llamacpp {args.gguf_type}"
+    loaded = load("smollm2-135m-instruct", dtype=getattr(torch, args.dtype))
+    return TextGenerator(loaded.model, loaded.tokenizer), f"torch {args.dtype}"
+
+
+def runs_copy() -> Path:
+    """The bundled model as an HF directory (what `slm` exports for llama.cpp; the bundled GGUF itself
+    is Q4_1 and would run as it is)."""
+    path = ROOT / "runs" / "bench-structured" / "smollm2-hf"
+    if not (path / "model.safetensors").is_file():
+        loaded = load("smollm2-135m-instruct")
+        save_hf(loaded.model, loaded.tokenizer, path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "structured.json"))
+    parser.add_argument("--engine", choices=("torch", "llamacpp"), default="torch")
+    parser.add_argument("--gguf-type", default="q8_0", help="llamacpp: the export's GGUF type")
+    parser.add_argument("--out", default=None, help="default: bench/results/structured[-llamacpp].json")
     args = parser.parse_args()
-    loaded = load("smollm2-135m-instruct", dtype=getattr(torch, args.dtype))
-    gen = TextGenerator(loaded.model, loaded.tokenizer)
+    suffix = "" if args.engine == "torch" else "-llamacpp"
+    args.out = args.out or str(ROOT / "bench" / "results" / f"structured{suffix}.json")
+    gen, engine_name = generator(args)
     run_case(gen, "Warm up.", OutputFormat("json_object"), 8)
     rows, speed = [], {"constrained": [0, 0.0], "free": [0, 0.0]}  # [decode steps, seconds]
     for i, (message, fmt, schema) in enumerate(cases(args.prompts)):
@@ -110,7 +137,7 @@ def main() -> None:
                       "valid": sum(r["valid"] for r in rows if r["kind"] == kind),
                       "valid_without_format": sum(r["free_valid"] for r in rows if r["kind"] == kind)}
                for kind in ("json_schema", "json_object")}
-    doc = {"benchmark": "structured output", "model": "SmolLM2-135M-Instruct", "engine": f"torch {args.dtype}",
+    doc = {"benchmark": "structured output", "model": "SmolLM2-135M-Instruct", "engine": engine_name,
            "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "machine": cpu_name(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
            "valid_rate": sum(r["valid"] for r in rows) / len(rows),
