@@ -119,8 +119,7 @@ def _llamacpp_engine(spec: str, settings: BenchSettings):
     files = runtime_files(spec, settings.gguf_type, progress=lambda m: print(m, file=sys.stderr))
     engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, settings.threads,
                                       sequences=max(settings.batches))
-    size = files.gguf.stat().st_size + (files.lora.stat().st_size if files.lora else 0)
-    return engine, ModelBench(spec, engine.parameters, size / 2**20, 0.0, 0.0, gguf_kind(files.gguf, settings.gguf_type),
+    return engine, ModelBench(spec, engine.parameters, files.file_bytes / 2**20, 0.0, 0.0, gguf_kind(files.gguf, settings.gguf_type),
                               settings.threads or torch.get_num_threads(), engine="llamacpp")
 
 

@@ -72,6 +72,9 @@ def choose_engine(requested: str, spec: str, torch_only: list[str] = ()) -> str:
             raise SlmError(MISSING)
         if torch_only:
             raise SlmError(f"{torch_only[0]} is a torch-engine option; drop it or use --engine torch")
+        if isinstance(resolve(spec), str):
+            raise SlmError(f"'{spec}' is an architecture without weights; llama.cpp needs a model file "
+                           f"(use --engine torch for random weights)")
         return "llamacpp"
     if requested == "torch" or torch_only or not available():
         return "torch"
@@ -122,6 +125,10 @@ class RuntimeFiles:
     config: ModelConfig
     tokenizer: Tokenizer
     lora: Path | None = None  # a llama.cpp LoRA adapter applied over `gguf`
+
+    @property
+    def file_bytes(self) -> int:
+        return self.gguf.stat().st_size + (self.lora.stat().st_size if self.lora else 0)
 
 
 def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> RuntimeFiles:
