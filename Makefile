@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/slm demo
+	HF_HUB_OFFLINE=1 $(BIN)/slm pipeline configs/pipeline/demo.yaml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

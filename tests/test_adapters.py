@@ -277,19 +277,18 @@ def test_gguf_adapter_refuses_what_llama_cpp_cannot_apply(tmp_path):
 def test_serve_holds_one_base_for_several_adapters_and_answers_with_each(tmp_path, tiny_tokenizer):
     """`slm serve base=BASE a=ADAPTER b=ADAPTER`: three model names, one copy of the base weights,
     and each name answers with its own adapter (driven by the official openai client)."""
-    from types import SimpleNamespace
-
     from serving import served
 
+    from slmkit.serve.config import ServeConfig
     from slmkit.serve.run import build_backends
 
     base = random_model(TINY, seed=0)
     save_hf(base, tiny_tokenizer, tmp_path / "base")
     for name, seed in (("a", 1), ("b", 2)):
         save_adapter(_adapted(seed=seed), tmp_path / name, str(tmp_path / "base"), tiny_tokenizer)
-    args = SimpleNamespace(route=[], models=[f"base={tmp_path / 'base'}", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
-                           dtype="float32", max_batch=4, max_queue=8, context=None)
-    backends = build_backends(args)
+    cfg = ServeConfig(models=[f"base={tmp_path / 'base'}", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
+                      dtype="float32", max_batch=4, max_queue=8, engine="torch")
+    backends = build_backends(cfg)
     models = {name: backends[name].scheduler.runner.model for name in ("base", "a", "b")}
     embed = models["base"].model.embed_tokens.weight
     assert all(m.model.embed_tokens.weight is embed for m in models.values())

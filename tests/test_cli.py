@@ -131,6 +131,7 @@ print(base, peak, weights)
 """
 
 
+@pytest.mark.slow  # kept out of `make test` for its 15-minute budget; `make bench` runs it
 def test_loading_smollm2_needs_at_most_twice_the_weights():
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, env=ENV, timeout=300)
     base, peak, weights = map(int, out.stdout.split())

@@ -204,6 +204,7 @@ def test_distill_run_with_cache_hidden_kd_and_exact_resume(tmp_path, tiny_teache
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow  # kept out of `make test` for its 15-minute budget; `make bench` runs it
 def test_data_parallel_distillation_matches_one_process(tmp_path, tiny_teacher_dir, story_data):
     """2 gloo ranks x micro-batch 1 == 1 process x micro-batch 2: student and hidden-KD projections within 1e-5."""
     import os

@@ -145,6 +145,7 @@ def test_every_method_trains_and_leaves_a_model(tmp_path, base_dir, chats, metho
         assert any(isinstance(m, Int4Linear) for m in loaded.model.modules())
 
 
+@pytest.mark.slow  # kept out of `make test` for its 15-minute budget; `make bench` runs it
 def test_data_parallel_matches_one_process(tmp_path, base_dir, chats):
     """2 gloo ranks x micro-batch 2 == 1 process x micro-batch 4: the adapter within 1e-5."""
     from safetensors.torch import load_file

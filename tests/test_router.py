@@ -135,6 +135,7 @@ def test_always_local_refuses_what_does_not_fit(local_backend, remote_server):
         srv.stop()
 
 
+@pytest.mark.slow  # kept out of `make test` for its 15-minute budget; `make bench` runs it
 def test_route_eval_curve_runs_from_all_local_to_all_remote(local_backend, remote_server, data_dir, tmp_path):
     from slmkit.evals.endpoint import EndpointLM
     from slmkit.evals.lm import LocalLM
@@ -184,3 +185,22 @@ def test_remote_requests_carry_penalties_bias_and_structured_output():
     labels = Settings(8, output_format=OutputFormat("choices", choices=("yes", "no")))
     assert RemoteRun(remote, chat, labels)._request()[1]["guided_choice"] == ["yes", "no"]
     assert "response_format" not in RemoteRun(remote, chat, Settings(8))._request()[1]
+
+
+def test_route_specs_name_the_local_model_as_slm_serve_does():
+    """`--route local=NAME=MODEL` names the local side with the rule of `slm serve NAME=MODEL` (one function)."""
+    from types import SimpleNamespace
+
+    from slmkit.errors import SlmError
+    from slmkit.serve.backend import parse_model_specs
+    from slmkit.serve.config import RouterConfig
+    from slmkit.serve.router import build_router
+
+    assert parse_model_specs(["fast=tiny", "models/x.gguf"]) == {"fast": "tiny", "x": "models/x.gguf"}
+    with pytest.raises(SlmError, match="'auto'"):
+        parse_model_specs(["auto=tiny"])
+    cfg = RouterConfig(route=["local=fast=tiny", "remote=http://127.0.0.1:9/v1,model=big"], remote_timeout=5,
+                       policy="keyword", threshold=-1.0, draft_tokens=8)
+    router = build_router(cfg, lambda name, model: SimpleNamespace(name=name, model=model))
+    assert {name: b.model for name, b in router.local_backends().items()} == {"fast": "tiny"}
+    assert router.remote.model == "big"

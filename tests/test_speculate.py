@@ -65,6 +65,7 @@ def test_a_draft_model_gives_the_same_text_and_the_target_as_its_own_draft_is_al
     assert 0 < accepted < drafted  # guesses were both kept and rejected
 
 
+@pytest.mark.slow  # kept out of `make test` for its 15-minute budget; `make bench` runs it
 @torch.inference_mode()
 def test_rejected_guesses_keep_the_targets_distribution(target, other):
     """Two sampled tokens from top-3 (9 outcomes): their frequencies under speculation with a draft

@@ -69,6 +69,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise SlmError(f"config '{where}': expected a list, got {value!r}")
         (item,) = typing.get_args(hint) or (Any,)
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # tuple[int, ...]: YAML has no tuples, so a list is read into one
+        if not isinstance(value, (list, tuple)):
+            raise SlmError(f"config '{where}': expected a list, got {value!r}")
+        item = (typing.get_args(hint) or (Any,))[0]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise SlmError(f"config '{where}': expected a mapping, got {value!r}")
@@ -115,14 +120,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML settings file (empty file: no settings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"config file '{path}' not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SlmError(f"config file '{path}' holds a {type(data).__name__}, not a mapping of settings")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """`cls` from an optional YAML file plus `key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SlmError(f"config file '{path}' not found")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 

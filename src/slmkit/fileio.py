@@ -7,6 +7,7 @@ the very end). Everything that slmkit saves goes through these three.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,3 +46,12 @@ def replace_dir(partial: Path, path: Path) -> Path:
     else:
         partial.rename(path)
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of one file, read in 1 MiB blocks (model files are hundreds of MiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

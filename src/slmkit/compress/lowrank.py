@@ -59,11 +59,11 @@ MAX_DAMP_TRIES = 8
 
 @dataclass
 class LowRankConfig:
-    method: str = "whitened"
+    method: str = field(default="whitened", metadata={"metavar": "{svd,whitened}"})
     """svd (no data) | whitened (SVD-LLM: weights the truncation by calibration inputs)"""
     keep: float = 0.8
     """share of each factorized linear's parameters kept, in (0, 1): rank = floor(keep N K / (N + K))"""
-    ranks: str = "uniform"
+    ranks: str = field(default="uniform", metadata={"metavar": "{uniform,sensitivity}"})
     """uniform (every linear keeps `keep`) | sensitivity (same total, ranks where outputs need them)"""
     calib: str | None = None
     """calibration text file or `slm prepare` directory (default: the start of the shared WikiText-2 valid text)"""

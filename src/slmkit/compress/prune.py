@@ -18,7 +18,7 @@ are for quality research and as a start for further compression. Speed comes fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ BLOCK_LINEARS = tuple(name for group in SHARED_INPUTS for name in group)
 
 @dataclass
 class PruneConfig:
-    method: str = "wanda"
+    method: str = field(default="wanda", metadata={"choices": ("magnitude", "wanda", "sparsegpt")})
     """magnitude | wanda | sparsegpt"""
     sparsity: float | None = None
     """share of each row's weights to remove, in (0, 1) (give this or `pattern`)"""

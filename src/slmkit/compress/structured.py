@@ -63,7 +63,7 @@ class StructuredConfig:
     """hidden (residual) channels to keep (None = keep)"""
     layers: int | None = None
     """layers to keep (None = keep)"""
-    layer_metric: str = "block_influence"
+    layer_metric: str = field(default="block_influence", metadata={"choices": LAYER_METRICS})
     """block_influence (ShortGPT: drop the layers whose output is most like their input) | angular (Gromov et al.: drop the contiguous run whose ends are closest)"""
     per_layer: bool = False
     """let each layer keep its own number of neurons and KV groups (saved as model_type slmkit: no transformers, no GGUF)"""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.data.prepare import read_meta
+from slmkit.data.shards import read_meta
 from slmkit.errors import SlmError
 
 

@@ -28,11 +28,11 @@ from slmkit.config import to_dict
 from slmkit.data.dedup import DedupReport, exact_dedup, near_dedup
 from slmkit.data.filters import FilterConfig, first_failure
 from slmkit.data.readers import expand_inputs, read_documents
+from slmkit.data.shards import FORMAT, read_meta
 from slmkit.errors import SlmError
+from slmkit.fileio import file_sha256
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.tokenizer import Tokenizer
-
-FORMAT = "slmkit-tokens-v1"
 
 
 @dataclass
@@ -115,16 +115,6 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     return meta
 
 
-def read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SlmError(f"'{path / 'meta.json'}' is missing or corrupt ({err}); run `slm prepare` again") from err
-    if meta.get("format") != FORMAT:
-        raise SlmError(f"'{path}' was not written by `slm prepare` (format {meta.get('format')!r})")
-    return meta
-
-
 def split_documents(ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded shuffle, then the first share to validation; every document lands in exactly one split."""
     order = list(ids)
@@ -175,14 +165,10 @@ def _fingerprint(cfg: PrepareConfig, files: list[Path], tokenizer: Tokenizer) ->
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as err:
         raise SlmError(f"cannot read '{path}': {err.strerror or err}") from err
-    return digest.hexdigest()
 
 
 def _read_all(files: list[Path], cfg: PrepareConfig) -> tuple[list[str], list[dict]]:

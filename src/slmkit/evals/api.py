@@ -85,10 +85,9 @@ def model_info(loaded) -> dict:
     """What a report needs to place a variant: parameters, file size and bits per linear weight."""
     model = loaded.model
     section = getattr(model.config, "quantization", None) or {}
-    from slmkit.compress.quant.qlinear import quantized_modules
+    from slmkit.compress.quant.qlinear import weight_count
 
-    params = sum(p.numel() for p in model.parameters()) + sum(  # quantized weights are buffers, not parameters
-        m.in_features * m.out_features for _, m in quantized_modules(model))
+    params = weight_count(model)
     bits = section.get("bits") or {"bfloat16": 16, "float16": 16}.get(str(model.model.embed_tokens.weight.dtype)
                                                                       .removeprefix("torch."), 32)
     source_bits = None

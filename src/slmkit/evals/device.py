@@ -30,14 +30,23 @@ SWEEP_PRESETS = ("smollm2-135m", "openelm-270m", "smollm2-360m", "qwen2-0.5b", "
 @dataclass
 class BenchSettings:
     prompt_tokens: int = 512
+    """prompt length in tokens"""
     new_tokens: int = 128
-    batches: tuple[int, ...] = (1,)
+    """tokens generated per run (never stops early)"""
+    batches: tuple[int, ...] = field(default=(1,), metadata={"flag": "--batch"})
+    """batch sizes, each measured in turn (e.g. 1,8)"""
     runs: int = 3
+    """timed runs per batch size after one warm-up"""
     threads: int | None = None
-    dtype: str = "float32"
+    """CPU threads (default: all cores)"""
+    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
+    """weight precision in memory (the llamacpp engine too)"""
     seed: int = 0
-    engine: str = "torch"  # auto | torch | llamacpp, as --engine
-    gguf_type: str = "q8_0"
+    """seed of the random prompt tokens"""
+    engine: str = field(default="torch", metadata={"choices": ("auto", "torch", "llamacpp")})
+    """the runtime measured: llamacpp (the GGUF export, cached), torch (slmkit's PyTorch engine) or auto (llamacpp when installed and the model exports to GGUF)"""
+    gguf_type: str = field(default="q8_0", metadata={"choices": ("q8_0", "q4_0", "q4_k_m", "f16")})
+    """GGUF type of the export the llamacpp engine runs (a GGUF model runs as it is)"""
 
 
 @dataclass
@@ -99,12 +108,13 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
 def _torch_engine(spec: str, settings: BenchSettings):
     import torch
 
+    from slmkit.compress.quant.qlinear import weight_count
     from slmkit.infer.engine import Engine
     from slmkit.load import load
 
     loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True, merge=True)
     model = loaded.model
-    return Engine(model), ModelBench(spec, sum(p.numel() for p in model.parameters()),
+    return Engine(model), ModelBench(spec, weight_count(model),
                                      loaded.source.file_bytes / 2**20, 0.0, 0.0, settings.dtype,
                                      torch.get_num_threads(), engine="torch")
 

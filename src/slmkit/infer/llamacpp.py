@@ -33,7 +33,7 @@ from slmkit.errors import SlmError
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows, shared_prefix
 from slmkit.infer.sampling import SamplingParams
-from slmkit.fileio import atomic_write, write_json
+from slmkit.fileio import atomic_write, file_sha256, write_json
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config
@@ -97,21 +97,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "llamacpp"
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_hash(path: Path) -> str:
     """Content hash of a model file, or of the files directly inside a model directory (an adapter
     directory also hashes its base's files, which its outputs depend on)."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.name}\0{_file_hash(f)}\n".encode())
+        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     if path.is_dir() and is_adapter_dir(path):
         digest.update(source_hash(Path(resolve(find_base(read_adapter(path))))).encode())
     return digest.hexdigest()
@@ -182,7 +174,7 @@ def gguf_kind(gguf: Path, gguf_type: str) -> str:
 
 def _intact(gguf: Path) -> bool:
     checksum = gguf.with_name(gguf.name + ".sha256")
-    return gguf.is_file() and checksum.is_file() and checksum.read_text().strip() == _file_hash(gguf)
+    return gguf.is_file() and checksum.is_file() and checksum.read_text().strip() == file_sha256(gguf)
 
 
 def _build(spec: str, target: Path, entry: Path, gguf: Path, gguf_type: str, progress) -> None:
@@ -204,7 +196,7 @@ def _build(spec: str, target: Path, entry: Path, gguf: Path, gguf_type: str, pro
 
 def _seal(path: Path) -> None:
     """The checksum `_intact` compares against."""
-    atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: tmp.write_text(_file_hash(path) + "\n"))
+    atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: tmp.write_text(file_sha256(path) + "\n"))
 
 
 def _write_entry(entry: Path, config: ModelConfig, tokenizer: Tokenizer | None, spec: str) -> None:

@@ -11,15 +11,31 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from slmkit.errors import SlmError
 from slmkit.generate import stop_token_ids
 from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.sampling import SamplingParams
+from slmkit.presets import DEFAULT_MODEL
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 RETRY_AFTER_S = 2
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """["NAME=MODEL" or "MODEL", ...] -> {name: model}; a bare MODEL is named after its file or preset.
+
+    The names of local backends, for `slm serve` and the router's local side ("auto" is the router's)."""
+    out: dict[str, str] = {}
+    for spec in specs or [DEFAULT_MODEL]:
+        name, _, model = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        name = name or Path(model.rstrip("/")).name.removesuffix(".gguf")
+        if name in out or name == "auto":
+            raise SlmError(f"two served models would be called '{name}'; name them: slm serve NAME=MODEL ...")
+        out[name] = model
+    return out
 
 
 @dataclass

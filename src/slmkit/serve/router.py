@@ -21,7 +21,8 @@ import re
 from dataclasses import replace
 
 from slmkit.errors import SlmError
-from slmkit.serve.backend import LocalBackend, Prompt, Settings
+from slmkit.serve.backend import LocalBackend, Prompt, Settings, parse_model_specs
+from slmkit.serve.config import RouterConfig
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.remote import RemoteBackend, RemoteFailed
 
@@ -184,19 +185,17 @@ class RouterRun:
             await self._active.aclose()
 
 
-def build_router(args, load_local) -> Router:
-    """From `--route local=MODEL --route remote=URL[,model=NAME,key=ENV]` and the policy options."""
+def build_router(cfg: RouterConfig, load_local) -> Router:
+    """From `--route local=MODEL --route remote=URL[,model=NAME,key=ENV]` and the policy settings."""
     sides = {}
-    for spec in args.route:
+    for spec in cfg.route:
         side, _, target = spec.partition("=")
         if side not in ("local", "remote") or not target:
             raise SlmError(f"--route {spec}: expected local=MODEL or remote=URL[,model=NAME,key=ENV_VAR]")
         sides[side] = target
     if set(sides) != {"local", "remote"}:
         raise SlmError("routing needs both --route local=MODEL and --route remote=URL")
-    from slmkit.serve.run import parse_model_specs
-
     [(name, model)] = parse_model_specs([sides["local"]]).items()
-    remote = RemoteBackend.from_spec(sides["remote"], args.remote_timeout)
-    check_policy(args.policy, args.draft_tokens)  # before the (slow) load of the local model
-    return Router(load_local(name, model), remote, args.policy, args.threshold, args.draft_tokens)
+    remote = RemoteBackend.from_spec(sides["remote"], cfg.remote_timeout)
+    check_policy(cfg.policy, cfg.draft_tokens)  # before the (slow) load of the local model
+    return Router(load_local(name, model), remote, cfg.policy, cfg.threshold, cfg.draft_tokens)

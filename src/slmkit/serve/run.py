@@ -5,22 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slmkit.errors import SlmError
-from slmkit.presets import DEFAULT_MODEL
+from slmkit.serve.config import ServeConfig
 
 LLAMACPP_SERVE_CONTEXT = 2048  # default tokens per request on the llama.cpp engine (see load_backend)
-
-
-def parse_model_specs(specs: list[str]) -> dict[str, str]:
-    """["NAME=MODEL" or "MODEL", ...] -> {name: model}; a bare MODEL is named after its file or preset."""
-    out: dict[str, str] = {}
-    for spec in specs or [DEFAULT_MODEL]:
-        name, _, model = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-        name = name or Path(model.rstrip("/")).name.removesuffix(".gguf")
-        if name in out or name == "auto":
-            raise SlmError(f"two served models would be called '{name}'; name them: slm serve NAME=MODEL ...")
-        out[name] = model
-    return out
 
 
 class ModelPool:
@@ -56,56 +43,63 @@ class ModelPool:
         return self.loaded[key]
 
 
-def load_backend(name: str, model: str, args, pool: ModelPool | None = None):
+def load_backend(name: str, model: str, cfg: ServeConfig, pool: ModelPool | None = None):
     import torch
 
     from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, runtime_files
     from slmkit.serve.backend import LocalBackend
     from slmkit.serve.runners import LlamaCppRunner
 
-    if choose_engine(getattr(args, "engine", "torch"), model) == "llamacpp":
-        files = runtime_files(model, args.gguf_type)
+    if choose_engine(cfg.engine, model) == "llamacpp":
+        files = runtime_files(model, cfg.gguf_type)
         # llama.cpp reserves every sequence's KV cache up front: a model's full context (8k for SmolLM2)
         # times 8-32 sequences would take gigabytes, so a request gets 2048 tokens unless --context says
-        context = args.context or min(files.config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
-        engine = LlamaCppEngine.for_files(files, context, threads=args.threads, sequences=args.max_batch)
-        return LocalBackend(name, LlamaCppRunner(engine), files.tokenizer, args.max_batch, args.max_queue, context)
-    pool = pool or ModelPool(getattr(torch, args.dtype))
+        context = cfg.context or min(files.config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
+        engine = LlamaCppEngine.for_files(files, context, threads=cfg.threads, sequences=cfg.max_batch)
+        return LocalBackend(name, LlamaCppRunner(engine), files.tokenizer, cfg.max_batch, cfg.max_queue, context)
+    pool = pool or ModelPool(getattr(torch, cfg.dtype))
     weights, tokenizer = pool.get(model)
-    return LocalBackend(name, weights, tokenizer, args.max_batch, args.max_queue, args.context)
+    return LocalBackend(name, weights, tokenizer, cfg.max_batch, cfg.max_queue, cfg.context)
 
 
-def build_backends(args) -> dict:
+def build_backends(cfg: ServeConfig) -> dict:
     import torch
 
-    backends, pool = {}, ModelPool(getattr(torch, args.dtype))
-    if args.route:
+    from slmkit.serve.backend import parse_model_specs
+
+    backends, pool = {}, ModelPool(getattr(torch, cfg.dtype))
+    if cfg.router.route:
         from slmkit.serve.router import build_router
 
-        router = build_router(args, lambda name, model: load_backend(name, model, args, pool))
+        router = build_router(cfg.router, lambda name, model: load_backend(name, model, cfg, pool))
         backends.update(router.local_backends())
         backends["auto"] = router
-    if args.models or not args.route:
-        for name, model in parse_model_specs(args.models).items():
+    if cfg.models or not cfg.router.route:
+        for name, model in parse_model_specs(cfg.models).items():
             if name not in backends:
-                backends[name] = load_backend(name, model, args, pool)
+                backends[name] = load_backend(name, model, cfg, pool)
     return backends
 
 
-def serve(args) -> int:
+def serve(cfg: ServeConfig) -> int:
+    """Serve until interrupted; every backend is closed on the way out."""
     import uvicorn
 
     from slmkit.serve.app import create_app
 
-    api_key = args.api_key or os.environ.get("SLMKIT_API_KEY") or None
-    backends = build_backends(args)
-    app = create_app(backends, api_key=api_key, timeout=args.timeout)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
-    print(f"serving {', '.join(backends)} on http://{args.host}:{args.port}  (chat page: /, API: /v1, "
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    api_key = cfg.api_key or os.environ.get("SLMKIT_API_KEY") or None
+    backends = build_backends(cfg)
+    app = create_app(backends, api_key=api_key, timeout=cfg.timeout)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {cfg.host} without an API key: anyone who can reach it can use it")
+    print(f"serving {', '.join(backends)} on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1, "
           f"metrics: /metrics)")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         for backend in backends.values():
             close = getattr(backend, "close", None)

@@ -254,6 +254,13 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
+def weight_count(model: nn.Module) -> int:
+    """Parameters of `model` with each quantized linear's weights counted as the float weights they
+    stand for (its packed codes are buffers, not parameters)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for _, m in quantized_modules(model))
+
+
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """Activations in bf16: both kernels have vectorized bf16 paths, while their fp32 paths are
     scalar loops on CPUs without AVX-512 (measured ~10x slower than an fp32 GEMV on AMD Zen 3).

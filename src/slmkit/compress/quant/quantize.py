@@ -45,13 +45,13 @@ CALIBRATED = ("gptq", "awq")
 
 @dataclass
 class QuantConfig:
-    method: str = "int4"
+    method: str = field(default="int4", metadata={"choices": ("int8", "int4", "gptq", "awq")})
     """int8 | int4 (round-to-nearest) | gptq | awq (calibrated int4)"""
-    group_size: int = 128
+    group_size: int = field(default=128, metadata={"choices": (32, 64, 128, 256)})
     """int4 input columns per scale and zero point: 32, 64, 128 or 256"""
     pad_groups: bool = False
     """allow layers whose width is not a multiple of group_size (the last group is zero-padded)"""
-    lm_head: bool = True
+    lm_head: bool = field(default=True, metadata={"flag": "--keep-lm-head", "help": "keep the output head in float"})
     """quantize the output head too (it is a fifth of SmolLM2-135M's weights and of its decode time)"""
     calib: str | None = None
     """calibration text file or `slm prepare` directory (default: the shared WikiText-2 valid text)"""

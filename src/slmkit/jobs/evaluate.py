@@ -1,0 +1,167 @@
+"""`slm eval` and `slm bench` as jobs: score a model on tasks (lm-evaluation-harness formats) or a
+text's perplexity, and measure its latency and memory in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit.errors import SlmError
+from slmkit.evals.api import evaluate, model_info, parse_shots, save_results
+from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, ModelBench, measure
+from slmkit.evals.endpoint import EndpointLM
+from slmkit.evals.lm import LlamaCppLM, LocalLM
+from slmkit.evals.perplexity import text_perplexity
+from slmkit.evals.tasks import DEFAULT_SUITE
+from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
+from slmkit.load import load
+from slmkit.presets import DEFAULT_MODEL
+
+
+@dataclass
+class EvalJob:
+    model: str = DEFAULT_MODEL
+    """GGUF file, HF directory, adapter directory or the bundled model (with `endpoint`: the served model's name)"""
+    tasks: str | None = None
+    """comma-separated tasks (default: the suite hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,mmlu,gsm8k, under an hour for a 135M model); `list` shows them all"""
+    shots: str | None = None
+    """few-shot examples, e.g. 0 or 0,5 (default: each task's own: 0, and 5 for gsm8k); several values report the gain"""
+    limit: int | None = None
+    """score only the first N documents of each task (MMLU: of each subject); the default suite uses its own limits (see README), other tasks default to all documents"""
+    full: bool = False
+    """the default suite on every document (hours, not minutes)"""
+    batch_size: int = 8
+    """rows per forward pass (results do not depend on it)"""
+    seed: int = 1234
+    """seed of the few-shot draws"""
+    data_dir: str | None = None
+    """evaluation data folder (default: ../shared/data/eval)"""
+    perplexity: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """instead of tasks: perplexity and bits per byte of this text file (sliding window)"""
+    stride: int | None = None
+    """perplexity: new tokens per window (default: half the context)"""
+    endpoint: str | None = field(default=None, metadata={"metavar": "URL"})
+    """score the model served at this OpenAI-compatible URL instead (e.g. http://127.0.0.1:8000); the key comes from $OPENAI_API_KEY"""
+    output: str | None = field(default=None, metadata={"flag": ("-o", "--output")})
+    """results JSON (default: runs/eval/<model>-<time>.json)"""
+    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
+    """weight precision in memory: float32 or bfloat16"""
+    threads: int | None = None
+    """CPU threads (default: all cores)"""
+    engine: str = field(default="torch", metadata={"choices": ("auto", "torch", "llamacpp")})
+    """torch scores the weights as they are (the default: an evaluation measures the model, not a Q8_0 copy of it); llamacpp scores the GGUF export (its gguf_type rounding included); auto: llamacpp when installed and the model exports to GGUF"""
+    gguf_type: str = field(default="q8_0", metadata={"choices": ("q8_0", "q4_0", "q4_k_m", "f16")})
+    """GGUF type of the export the llamacpp engine scores (a GGUF model is scored as it is)"""
+
+
+@dataclass
+class BenchJob:
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    """GGUF files, HF directories or preset names (presets run with random weights)"""
+    settings: BenchSettings = field(default_factory=lambda: BenchSettings(engine="auto"))
+    """what is measured and how"""
+    sweep: bool = False
+    """also measure the presets smollm2-135m, openelm-270m, smollm2-360m, qwen2-0.5b, llama-3.2-1b and plot decode speed against size"""
+    output: str | None = field(default=None, metadata={"flag": ("-o", "--output")})
+    """results JSON (default: runs/bench/bench-<time>.json)"""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def eval_output(job: EvalJob) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(job.model).name) or "model"
+    return Path(job.output or Path("runs") / "eval" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
+def task_plan(job: EvalJob) -> tuple[list[str], list[int] | None, int | dict | None]:
+    """(task names, shot counts, limit) the job asks for; bad values are refused before any work."""
+    shots = parse_shots(job.shots)
+    names = [t.strip() for t in (job.tasks or ",".join(DEFAULT_SUITE)).split(",") if t.strip()]
+    limit = job.limit
+    if limit is None and not job.tasks and not job.full:
+        limit = dict(DEFAULT_SUITE)
+    return names, shots, limit
+
+
+def run_eval(job: EvalJob, progress: bool = True) -> dict:
+    """The results document (also written to `eval_output(job)`, and after each task while running)."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    names, shots, limit = task_plan(job)
+    out = eval_output(job)
+    if job.endpoint:
+        if job.perplexity:
+            raise SlmError("perplexity needs the model's weights here; it does not work with an endpoint")
+        lm = EndpointLM(job.endpoint, job.model, os.environ.get("OPENAI_API_KEY"))
+        doc = evaluate(lm, names, shots, limit, job.seed, job.data_dir, progress, f"{job.endpoint} {job.model}")
+    elif job.perplexity:
+        choose_engine(job.engine, job.model, ["--perplexity"])  # refuses the llamacpp engine in one line
+        loaded = _eval_model(job.model, job.dtype)
+        result = text_perplexity(loaded.model, loaded.tokenizer, job.perplexity, stride=job.stride)
+        print(result.summary())
+        doc = {"model": job.model, "model_info": model_info(loaded),
+               "perplexity": {**result.__dict__, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}}
+    else:
+        lm, info = eval_lm(job)
+        doc = evaluate(lm, names, shots, limit, job.seed, job.data_dir, progress, job.model,
+                       on_result=lambda partial: save_results({**partial, "model_info": info, "partial": True}, out))
+        doc["model_info"] = info
+    save_results(doc, out)
+    return doc
+
+
+def _eval_model(spec: str, dtype: str):
+    loaded = load(spec, dtype=getattr(torch, dtype), merge=True)
+    if loaded.tokenizer is None:
+        raise SlmError("this model has no tokenizer; evaluation reads text (load a GGUF or an HF directory "
+                       "with tokenizer.json)")
+    return loaded
+
+
+def eval_lm(job: EvalJob):
+    """The scorer on the chosen engine, and what a report needs to know of the model."""
+    if choose_engine(job.engine, job.model) == "llamacpp":
+        files = runtime_files(job.model, job.gguf_type, progress=_stderr)
+        engine = LlamaCppEngine.for_files(files, threads=job.threads)
+        size = files.file_bytes
+        return LlamaCppLM(engine, files.tokenizer), {
+            "params": engine.parameters, "file_mib": size / 2**20, "bits": round(8 * size / engine.parameters, 2),
+            "quantization": None, "gguf_type": gguf_kind(files.gguf, job.gguf_type).upper(),
+            "engine": "llamacpp"}
+    loaded = _eval_model(job.model, job.dtype)
+    return LocalLM(loaded.model, loaded.tokenizer, batch_size=job.batch_size), model_info(loaded)
+
+
+def check_bench(job: BenchJob) -> list[str]:
+    """The models to measure; bad settings are refused before any process starts."""
+    s = job.settings
+    if not s.batches or min(s.batches) < 1 or s.runs < 1 or s.prompt_tokens < 1 or s.new_tokens < 2:
+        raise SlmError("batch sizes and runs must be >= 1, prompt_tokens >= 1 and new_tokens >= 2")
+    models = list(dict.fromkeys(job.models + (list(SWEEP_PRESETS) if job.sweep else [])))
+    if s.engine == "llamacpp":
+        for spec in models:  # a missing extra or an architecture without weights: one line, before any process
+            choose_engine(s.engine, spec)
+    return models
+
+
+def run_bench(job: BenchJob, log=print) -> tuple[list[ModelBench], Path]:
+    """Measure each model in its own process; write the results JSON; return them and its path."""
+    models = check_bench(job)
+    results = []
+    for spec in models:
+        log(f"measuring {spec} ...")
+        results.append(measure(spec, job.settings))
+    out = Path(job.output or Path("runs") / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    doc = {"settings": asdict(job.settings), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "results": [asdict(r) for r in results]}
+    save_results(json.loads(json.dumps(doc)), out)
+    return results, out

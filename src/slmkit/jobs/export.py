@@ -1,0 +1,143 @@
+"""`slm export gguf`, `slm export gguf-lora`, `slm convert` and `slm merge` as jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit.adapters.merge import merge_adapters
+from slmkit.adapters.peft_format import is_adapter_dir
+from slmkit.compress.lowrank import densify
+from slmkit.errors import SlmError
+from slmkit.interop.gguf import write_gguf
+from slmkit.interop.gguf_lora import write_gguf_lora
+from slmkit.interop.hf import save_checkpoint, save_hf
+from slmkit.jobs.compress import Log, load_whole
+from slmkit.load import load
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m")
+
+
+@dataclass
+class GgufJob:
+    model: str = ""
+    """the MODEL to write (an adapter directory is merged into its base first)"""
+    out: str = ""
+    """OUT.gguf"""
+    type: str = field(default="q8_0", metadata={"choices": GGUF_TYPES})
+    """tensor type: f32, f16, q8_0 (near-lossless), q4_0, q4_1 or q4_k_m (llama.cpp's popular 4-bit mix)"""
+    densify: bool = False
+    """a factorized model (`slm lowrank`): multiply its factors back into full matrices first (llama.cpp has no factorized linears; same outputs, the original size)"""
+
+
+@dataclass
+class GgufLoraJob:
+    adapter: str = ""
+    """adapter directory (PEFT format, e.g. runs/s2d-lora)"""
+    out: str = ""
+    """OUT.gguf"""
+    base: str | None = None
+    """the base MODEL (default: the one the adapter's config names)"""
+
+
+@dataclass
+class MergeJob:
+    base: str = ""
+    """the base MODEL the adapter was trained on"""
+    adapter: str = ""
+    """adapter directory (PEFT format)"""
+    out: str = field(default="", metadata={"flag": ("-o", "--out")})
+    """output directory"""
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    """safetensors precision of a float base (a quantized base keeps its codes)"""
+
+
+def check_gguf(job: GgufJob) -> None:
+    if not job.model or not job.out:
+        raise SlmError("give the MODEL to write and OUT.gguf")
+    if not job.out.endswith(".gguf"):
+        raise SlmError(f"'{job.out}' should end in .gguf")
+    if job.type not in GGUF_TYPES:
+        raise SlmError(f"GGUF type '{job.type}' is unknown (choose from {', '.join(GGUF_TYPES)})")
+
+
+def run_gguf(job: GgufJob, log: Log = print) -> Path:
+    check_gguf(job)
+    loaded = load_whole(job.model, log)
+    if loaded.tokenizer is None:
+        raise SlmError(f"'{job.model}' has no tokenizer; a GGUF file needs one")
+    if job.densify and loaded.model.config.lowrank:
+        log(f"densified {densify(loaded.model)} factorized linears")
+    out = write_gguf(loaded.model, loaded.tokenizer, job.out, job.type)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {job.type})")
+    return out
+
+
+def _adapter(path: str, base: str | None):
+    if not is_adapter_dir(Path(path)):
+        raise SlmError(f"'{path}' is not an adapter directory (no adapter_config.json)")
+    return load(path, dtype=torch.float32, base=base)
+
+
+def run_gguf_lora(job: GgufLoraJob, log: Log = print) -> Path:
+    if not job.adapter or not job.out:
+        raise SlmError("give the adapter directory and OUT.gguf")
+    if not job.out.endswith(".gguf"):
+        raise SlmError(f"'{job.out}' should end in .gguf")
+    loaded = _adapter(job.adapter, job.base)
+    out = write_gguf_lora(loaded.model, job.out, Path(job.adapter.rstrip("/")).name)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); run it over a GGUF of its base "
+        f"({loaded.source.base}): llama-cli -m BASE.gguf --lora {out}")
+    return out
+
+
+def run_merge(job: MergeJob, log: Log = print) -> Path:
+    if not job.base or not job.adapter or not job.out:
+        raise SlmError("give the base MODEL, the adapter directory and an output directory (BASE ADAPTER -o OUT)")
+    loaded = _adapter(job.adapter, job.base)
+    report = merge_adapters(loaded.model)
+    dtype = None if loaded.model.config.quantization else getattr(torch, job.dtype)  # codes keep their scales
+    out = save_checkpoint(loaded.model, loaded.tokenizer, job.out, dtype)
+    log(report.summary())
+    log(f"wrote {out}")
+    return out
+
+
+def save_whole(model_spec: str, out: str | Path, log: Log = print) -> Path:
+    """MODEL as one complete HF-style directory: an adapter merged into its base, quantized codes
+    kept as they are, float weights in fp32."""
+    loaded = load_whole(model_spec, log)
+    return save_checkpoint(loaded.model, loaded.tokenizer, out)
+
+
+@dataclass
+class ConvertJob:
+    src: str = ""
+    """GGUF file, HF directory, adapter directory (merged first) or preset with weights"""
+    dst: str = ""
+    """OUT.gguf for GGUF, anything else for an HF directory"""
+    type: str = field(default="f16", metadata={"choices": ("f32", "f16")})
+    """GGUF tensor type for matrices"""
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    """safetensors precision for an HF directory"""
+
+
+def run_convert(job: ConvertJob, log: Log = print) -> Path:
+    """GGUF <-> HF directory; an existing file is never overwritten by a directory."""
+    if not job.src or not job.dst:
+        raise SlmError("give the model to read and where to write it (SRC DST)")
+    dst = Path(job.dst)
+    if not job.dst.endswith(".gguf") and dst.exists() and not dst.is_dir():
+        raise SlmError(f"'{job.dst}' is an existing file, but a name without .gguf means a Hugging Face "
+                       "directory; give a new directory name, or end the name in .gguf to write GGUF")
+    loaded = load_whole(job.src, log)
+    if job.dst.endswith(".gguf"):
+        if loaded.tokenizer is None:
+            raise SlmError(f"'{job.src}' has no tokenizer; a GGUF file needs one")
+        out = write_gguf(loaded.model, loaded.tokenizer, job.dst, job.type)
+    else:
+        out = save_hf(loaded.model, loaded.tokenizer, job.dst, getattr(torch, job.dtype))
+    log(f"wrote {out}")
+    return out

@@ -1,0 +1,207 @@
+"""`slm generate` and `slm chat` as configs: the runtime a model runs on (engine, precision,
+compilation, speculative decoding), the sampling settings, and the generator they build.
+
+The terminal loop of `slm chat` stays in chat.py; this module only builds what it talks to."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit.errors import SlmError
+from slmkit.generate import TextGenerator
+from slmkit.infer.constrain import OutputFormat
+from slmkit.infer.engine import Engine
+from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, runtime_files
+from slmkit.infer.sampling import SamplingParams
+from slmkit.infer.speculate import DraftModel, PromptLookup
+from slmkit.load import load
+from slmkit.presets import DEFAULT_MODEL
+from slmkit.tokenizer import same_vocabulary
+
+DTYPES = ("bfloat16", "float32")
+ENGINES = ("auto", "torch", "llamacpp")
+RUNTIME_GGUF_TYPES = ("q8_0", "q4_0", "q4_k_m", "f16")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a model runs: engine, precision and the decoding accelerations."""
+
+    dtype: str = field(default="bfloat16", metadata={"choices": DTYPES})
+    """weight precision in memory (bfloat16: half the memory traffic of float32)"""
+    threads: int | None = None
+    """CPU threads (default: all cores)"""
+    context: int | None = None
+    """maximum tokens in the context (default: the model's own limit)"""
+    compile: bool = False
+    """torch.compile the decode step (torch engine): ~1.5-2x faster decoding after 2-5 min of compiling on first use (1-2 min on later starts, from inductor's cache)"""
+    speculate: str | None = field(default=None, metadata={"metavar": "lookup|draft=MODEL"})
+    """speculative decoding, same text: 'lookup' drafts by matching the prompt's n-grams (good for summaries and extraction); 'draft=MODEL' drafts with a smaller model of the same tokenizer (e.g. a distilled student)"""
+    draft_tokens: int = 4
+    """guesses verified per pass with speculate"""
+    engine: str = field(default="auto", metadata={"choices": ENGINES})
+    """llamacpp exports the model to GGUF once (cached) and decodes in llama.cpp, ~4x faster on a CPU; torch is slmkit's PyTorch engine (the reference, and the one for compile and speculate); auto: llamacpp when installed and the model exports to GGUF"""
+    gguf_type: str = field(default="q8_0", metadata={"choices": RUNTIME_GGUF_TYPES})
+    """GGUF type of the export the llamacpp engine runs (a GGUF model runs as it is)"""
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen (OpenAI's names)."""
+
+    max_tokens: int = 128
+    """new tokens at most"""
+    temperature: float = 0.0
+    """0 = greedy; e.g. 0.7 for variety"""
+    top_k: int = 0
+    """sample from the k most likely tokens (0 = off)"""
+    top_p: float = 1.0
+    """nucleus sampling mass (1 = off)"""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeats (1 = off)"""
+    seed: int | None = None
+    """seed for sampling (reproducible output)"""
+    stop: list[str] = field(default_factory=list, metadata={"split": False})
+    """stop strings"""
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+@dataclass
+class GenerateJob:
+    model: str = ""
+    """GGUF file, Hugging Face directory, adapter directory or preset name (`slm presets`)"""
+    prompt: str = ""
+    """the prompt text, or - to read it from stdin"""
+    chat: bool = False
+    """wrap the prompt as a user message in the chat template"""
+    system: str | None = None
+    """system message (with chat)"""
+    truncate: bool = False
+    """keep the end of a prompt that is too long"""
+    json: bool = False
+    """structured output: answer with one JSON object (grammar by llguidance; the text always parses)"""
+    json_schema: str | None = field(default=None, metadata={"metavar": "FILE|JSON"})
+    """structured output: answer with JSON valid under this JSON Schema (a .json file or the schema inline)"""
+    choices: list[str] = field(default_factory=list, metadata={"metavar": "A,B,..."})
+    """structured output: answer with exactly one of these labels (classification)"""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class ChatJob:
+    model: str = DEFAULT_MODEL
+    """GGUF file, Hugging Face directory, adapter directory or preset name; the default is the bundled SmolLM2-135M-Instruct"""
+    system: str | None = None
+    """system message for the conversation"""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=512))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_generator(model: str, runtime: RuntimeConfig) -> tuple[str, TextGenerator]:
+    """(model name, TextGenerator) on the engine `runtime` asks for."""
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    speculate = speculate_spec(runtime.speculate)
+    torch_only = [flag for flag, on in (("--compile", runtime.compile), ("--speculate", runtime.speculate)) if on]
+    if choose_engine(runtime.engine, model, torch_only) == "llamacpp":
+        files = runtime_files(model, runtime.gguf_type, progress=_stderr)
+        engine = LlamaCppEngine.for_files(files, runtime.context, threads=runtime.threads)
+        return files.config.name or model, TextGenerator(None, files.tokenizer, engine=engine)
+    dtype = getattr(torch, runtime.dtype)
+    loaded = load(model, dtype=dtype, merge=True)
+    drafter = _drafter(speculate, loaded, dtype, runtime.context)
+    return loaded.source.config.name or model, TextGenerator(
+        loaded.model, loaded.tokenizer, runtime.context, compile=runtime.compile, drafter=drafter,
+        draft_tokens=runtime.draft_tokens)
+
+
+def speculate_spec(spec: str | None) -> str | None:
+    """'lookup', a draft model's name, or None; refused in one line before anything loads."""
+    if spec is None or spec == "lookup":
+        return spec
+    if not spec.startswith("draft=") or not spec[len("draft="):]:
+        raise SlmError(f"--speculate '{spec}': give 'lookup' or 'draft=MODEL' (a smaller model with the same tokenizer)")
+    return spec[len("draft="):]
+
+
+def _drafter(speculate: str | None, target, dtype, context: int | None):
+    if speculate is None:
+        return None
+    if speculate == "lookup":
+        return PromptLookup()
+    draft = load(speculate, dtype=dtype, merge=True)
+    if draft.tokenizer is None or target.tokenizer is None or not same_vocabulary(draft.tokenizer, target.tokenizer):
+        raise SlmError(f"the draft model '{speculate}' has another tokenizer than the target; speculative decoding "
+                       "needs the same vocabulary (draft with a model distilled from this one, or use --speculate lookup)")
+    return DraftModel(Engine(draft.model, context))
+
+
+def output_format(job: GenerateJob) -> OutputFormat | None:
+    """The OutputFormat that json / json_schema / choices ask for (None for free text); bad input is
+    refused here, before the model loads."""
+    given = [name for name, on in (("--json", job.json), ("--json-schema", job.json_schema is not None),
+                                   ("--choices", bool(job.choices))) if on]
+    if len(given) > 1:
+        raise SlmError(f"{given[1]} is not allowed with {given[0]}: give one structured-output setting")
+    if job.choices:
+        return OutputFormat("choices", choices=tuple(c.strip() for c in job.choices if c.strip()))
+    if job.json:
+        return OutputFormat("json_object")
+    if job.json_schema is None:
+        return None
+    text = job.json_schema
+    if not text.lstrip().startswith("{"):
+        if not Path(text).is_file():
+            raise SlmError(f"--json-schema '{text}' is neither a file nor an inline JSON object")
+        text = Path(text).read_text()
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SlmError(f"--json-schema is not valid JSON ({error}); check its quoting") from None
+    return OutputFormat("json_schema", schema=schema)
+
+
+def run_generate(job: GenerateJob, out=None) -> int:
+    """Stream the continuation of the prompt to `out` (default: stdout as it is now; the prompt first,
+    unless chat); stats to stderr."""
+    out = out or sys.stdout
+    if not job.model or not job.prompt:
+        raise SlmError("give a MODEL and a prompt (or - to read the prompt from stdin)")
+    prompt = sys.stdin.read() if job.prompt == "-" else job.prompt
+    fmt = output_format(job)
+    params = job.sampling.params()  # bad sampling settings: refused before the model loads
+    _, gen = load_generator(job.model, job.runtime)
+    if job.chat:
+        messages = ([{"role": "system", "content": job.system}] if job.system else [])
+        prompt = gen.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])
+    else:
+        out.write(prompt)
+
+    def show(_row: int, text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    result = gen.complete([prompt], params, job.sampling.stop, show, truncate=job.truncate, output_format=fmt)[0]
+    g = result.generation
+    print(file=out)
+    _stderr(f"[{result.prompt_tokens} prompt tokens in {g.prefill_seconds:.2f}s, {result.completion_tokens} new "
+            f"at {g.decode_tokens_per_second:.1f} tokens/s{_kept(g)}, finish: {result.finish_reason}]")
+    return 0
+
+
+def _kept(g) -> str:
+    """How many drafted tokens speculative decoding kept (empty when it did not speculate)."""
+    return f", {g.accepted}/{g.drafted} drafted tokens kept" if g.drafted else ""

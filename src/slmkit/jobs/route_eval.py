@@ -1,0 +1,65 @@
+"""`slm route-eval` as a job: score a local and a remote model on a multiple-choice task and
+write, per confidence threshold, the accuracy and share escalated a confidence router would get.
+
+The scoring and the curve are serve/route_eval.py's; this module turns the settings into the two
+scorers and says where the results went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slmkit.errors import SlmError
+from slmkit.evals.api import default_data_dir
+from slmkit.evals.endpoint import EndpointLM
+from slmkit.evals.lm import LocalLM
+from slmkit.evals.tasks import make_task
+from slmkit.load import load
+from slmkit.serve.remote import RemoteBackend
+from slmkit.serve.route_eval import route_eval, save
+
+
+@dataclass
+class RouteEvalJob:
+    local: str = ""
+    """the local model (anything slmkit loads)"""
+    remote: str = ""
+    """the larger model: URL[,model=NAME,key=ENV_VAR] of an OpenAI-compatible server, or a model slmkit loads"""
+    task: str = "arc_easy"
+    """a multiple-choice task (slm eval's names)"""
+    limit: int | None = 200
+    """documents scored (None = all)"""
+    thresholds: list[float] | None = None
+    """mean-token-log-prob thresholds (default: the deciles of the local model's confidences)"""
+    data_dir: str | None = None
+    """eval data folder (default: ../shared/data/eval)"""
+    out: str = field(default="runs/route-eval", metadata={"flag": ("-o", "--out")})
+    """output folder (route-eval-TASK.json and .png)"""
+    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
+    """weight precision in memory of a model slmkit loads"""
+    threads: int | None = None
+    """CPU threads (default: all cores)"""
+
+
+def _scorer(spec: str, dtype: str):
+    """(scorer, display name) of a URL or of a model slmkit loads."""
+    if spec.startswith(("http://", "https://")):
+        remote = RemoteBackend.from_spec(spec)
+        return EndpointLM(remote.url, remote.model or "default", remote.key), remote.name
+    loaded = load(spec, dtype=getattr(torch, dtype))
+    return LocalLM(loaded.model, loaded.tokenizer), Path(spec.rstrip("/")).name
+
+
+def run_route_eval(job: RouteEvalJob) -> tuple[dict, Path, Path]:
+    """(result, its JSON, its PNG curve)."""
+    if not job.local or not job.remote:
+        raise SlmError("give both models: --local MODEL --remote URL[,model=NAME,key=ENV_VAR]")
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    task = make_task(job.task, Path(job.data_dir) if job.data_dir else default_data_dir())
+    (local, local_name), (remote, remote_name) = _scorer(job.local, job.dtype), _scorer(job.remote, job.dtype)
+    result = route_eval(local, remote, task, job.limit, job.thresholds)
+    path, png = save(result, Path(job.out), local_name, remote_name)
+    return result, path, png

@@ -1,0 +1,106 @@
+"""The pipeline recipe: one section per stage, and each section is the stage's command config.
+
+    name: symptom2disease
+    base: {model: smollm2-135m-instruct}
+    finetune: {method: lora, data: {task: symptom2disease}, ...}    # slm finetune's FinetuneConfig
+    quantize: {quant: {method: gptq, group_size: 64}}               # slm quantize's QuantizeJob
+    evaluate: {task_limit: null, general: [arc_easy], ...}
+    export: {gguf: {type: q4_0}}
+
+A section left out (or `null`) skips that stage. The paths that join the stages (a stage's input
+model, its output directory, distillation's data) are set by the pipeline: writing them in a
+section is refused, so a recipe cannot point a stage somewhere else by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slmkit.data.prepare import PrepareConfig
+from slmkit.evals.device import BenchSettings
+from slmkit.jobs.compress import LowRankJob, PruneJob, QuantizeJob
+from slmkit.jobs.evaluate import EvalJob
+from slmkit.jobs.export import GgufJob
+from slmkit.presets import DEFAULT_MODEL
+from slmkit.train.distill import DistillConfig
+from slmkit.train.finetune import FinetuneConfig
+
+
+@dataclass
+class BaseStage:
+    model: str = DEFAULT_MODEL
+    """the starting MODEL: GGUF file, HF directory or the bundled SmolLM2-135M-Instruct"""
+
+
+@dataclass
+class EvaluateStage:
+    task: str | None = None
+    """the task's own metric (slm eval's name, e.g. symptom2disease); default: the fine-tuning task, if any"""
+    task_limit: int | None = None
+    """documents of the task's test split scored (None = all)"""
+    general: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
+    """general tasks (slm eval's names) that show what the other stages cost outside the task"""
+    general_limit: int | None = 200
+    """documents per general task (None = all)"""
+    eval: EvalJob = field(default_factory=EvalJob)
+    """scoring settings (batch_size, dtype, engine, seed, data_dir, threads); the model and tasks are set per stage"""
+    bench: BenchSettings | None = field(default_factory=lambda: BenchSettings(prompt_tokens=128, new_tokens=64, runs=3))
+    """`slm bench` settings for each stage's model (torch engine: the weights as each stage left them); null = no speed columns"""
+
+
+@dataclass
+class ExportStage:
+    gguf: GgufJob = field(default_factory=lambda: GgufJob(type="q4_0"))
+    """the final model as one GGUF (model and out are set by the pipeline)"""
+    hf: bool = True
+    """write the final model as an HF-style directory with a model card (README.md)"""
+    adapter: bool = True
+    """when fine-tuning made an adapter: also its llama.cpp LoRA file and its base's GGUF (`adapter_base_type`)"""
+    adapter_base_type: str = "q8_0"
+    """GGUF type of the base the llama.cpp adapter runs over"""
+    check: bool = True
+    """run the final GGUF in llama.cpp: score the task and measure speed (a row of its own in the report)"""
+    answers: int = 3
+    """held-out task prompts answered by the final GGUF and shown in the report (0 = none)"""
+
+
+@dataclass
+class ServeStage:
+    name: str = ""
+    """the served model name (default: the pipeline's name)"""
+    port: int = 8000
+    """TCP port of `slm serve` (it binds 127.0.0.1)"""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = ""
+    """the pipeline's name: its runs go to runs/<name> unless `out` says otherwise"""
+    out: str = ""
+    """run directory (default runs/<name>)"""
+    base: BaseStage = field(default_factory=BaseStage)
+    prepare: PrepareConfig | None = None
+    """tokenize a corpus for distillation (slm prepare); out is set by the pipeline"""
+    prune: PruneJob | None = None
+    """slm prune (structured for a smaller, faster model); model and out are set by the pipeline"""
+    lowrank: LowRankJob | None = None
+    """slm lowrank (factorize the linears); model and out are set by the pipeline"""
+    distill: DistillConfig | None = None
+    """slm distill: heal the pruned model (or train a new student) from the base as teacher; student, data and out are set by the pipeline"""
+    finetune: FinetuneConfig | None = None
+    """slm finetune; base and out are set by the pipeline"""
+    quantize: QuantizeJob | None = None
+    """slm quantize; model and out are set by the pipeline"""
+    evaluate: EvaluateStage | None = field(default_factory=EvaluateStage)
+    export: ExportStage | None = field(default_factory=ExportStage)
+    serve: ServeStage | None = None
+    """print the `slm serve` command for the final model (start it with --serve)"""
+
+
+# Stage kinds in the order they run, each with a fixed number: its directory is runs/<name>/NN-kind,
+# the same whatever other stages a recipe turns on or off.
+STAGES = ("base", "prepare", "prune", "lowrank", "distill", "finetune", "quantize", "evaluate", "export", "serve")
+
+# Fields each section may not set: the pipeline joins the stages through them.
+JOINED = {"prepare": ("out",), "prune": ("model", "out"), "lowrank": ("model", "out"),
+          "distill": ("student", "out"), "finetune": ("base", "out"), "quantize": ("model", "out")}

@@ -1,0 +1,103 @@
+"""The export stage: the final model as an HF directory (with a model card), as one GGUF, and --
+when fine-tuning made an adapter -- as its base's GGUF plus a llama.cpp LoRA file. Then proof that
+the files run: the final GGUF is scored on the task and timed in llama.cpp (a report row of its
+own), and a few held-out questions are answered by it and by base + adapter in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slmkit.adapters.peft_format import is_adapter_dir, read_adapter
+from slmkit.data.tasks import TASKS, task_data
+from slmkit.errors import SlmError
+from slmkit.generate import TextGenerator
+from slmkit.infer import llamacpp
+from slmkit.infer.llamacpp import LlamaCppEngine, runtime_files
+from slmkit.infer.sampling import SamplingParams
+from slmkit.jobs.evaluate import run_eval
+from slmkit.jobs.export import GgufJob, GgufLoraJob, run_gguf, run_gguf_lora, save_whole
+from slmkit.load import find_base, load
+from slmkit.pipeline.config import EvaluateStage, ExportStage
+from slmkit.pipeline.measure import speed_cells, task_cells
+
+Log = Callable[[str], object]
+
+
+def export_files(final: str, finetune_dir: str | None, cfg: ExportStage, name: str, out: Path, log: Log) -> dict:
+    """Write the deployable files; returns their paths (and why an adapter file was not written)."""
+    outputs: dict = {"model": final}
+    if cfg.hf:
+        outputs["hf"] = str(save_whole(final, out / "hf", log))
+    gguf = dataclasses.replace(cfg.gguf, model=final, out=str(out / f"{name}-{cfg.gguf.type}.gguf"))
+    outputs["gguf"] = str(run_gguf(gguf, log))
+    if cfg.adapter and finetune_dir and is_adapter_dir(Path(finetune_dir)):
+        outputs.update(_adapter_files(finetune_dir, cfg, name, out, log))
+    return outputs
+
+
+def _adapter_files(adapter: str, cfg: ExportStage, name: str, out: Path, log: Log) -> dict:
+    base = find_base(read_adapter(Path(adapter)))
+    try:
+        lora = run_gguf_lora(GgufLoraJob(adapter=adapter, out=str(out / f"{name}-lora.gguf")), log)
+    except SlmError as err:  # DoRA magnitudes, a tied head: llama.cpp cannot apply those
+        log(f"no llama.cpp adapter: {err}")
+        return {"adapter_skipped": str(err)}
+    base_gguf = run_gguf(GgufJob(model=base, out=str(out / f"{name}-base-{cfg.adapter_base_type}.gguf"),
+                                 type=cfg.adapter_base_type), log)
+    return {"lora_gguf": str(lora), "base_gguf": str(base_gguf)}
+
+
+def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage | None, task: str | None,
+                      out: Path, stage: str) -> tuple[dict | None, list[dict]]:
+    """(a report row for the final GGUF run by llama.cpp, answers to held-out questions), or
+    (None, []) when llama.cpp is not installed."""
+    if not cfg.check or not llamacpp.available():
+        return None, []
+    row: dict = {"stage": f"{stage} (GGUF {cfg.gguf.type.upper()}, llama.cpp)", "model": outputs["gguf"]}
+    if evaluate is not None and task:
+        job = dataclasses.replace(evaluate.eval, model=outputs["gguf"], tasks=task, limit=evaluate.task_limit,
+                                  engine="llamacpp", output=str(out / "gguf-task.json"))
+        row.update(task_cells(task, run_eval(job)))
+    if evaluate is not None and evaluate.bench is not None:
+        row.update(speed_cells(outputs["gguf"], dataclasses.replace(evaluate.bench, engine="llamacpp")))
+    answers = _answers(outputs, task, cfg.answers)
+    return row, answers
+
+
+def _answers(outputs: dict, task: str | None, count: int) -> list[dict]:
+    """Held-out test questions of the task answered greedily by the final GGUF (and by base +
+    adapter, when there is one) in llama.cpp."""
+    if not count or not task or task not in TASKS:
+        return []
+    examples = task_data(task).test[:count]
+    runtimes = {"final GGUF": runtime_files(outputs["gguf"])}  # a GGUF runs as it is: no export
+    if "lora_gguf" in outputs:
+        runtimes["base GGUF + llama.cpp adapter"] = dataclasses.replace(
+            runtime_files(outputs["base_gguf"]), lora=Path(outputs["lora_gguf"]))
+    generators = {label: TextGenerator(None, files.tokenizer, engine=LlamaCppEngine.for_files(files, 1024))
+                  for label, files in runtimes.items()}
+    return answer_questions(examples, generators)
+
+
+def answers_in_torch(model: str, task: str | None, count: int) -> list[dict]:
+    """The same questions answered by the final model on slmkit's torch engine (no llama.cpp here)."""
+    if not count or not task or task not in TASKS:
+        return []
+    loaded = load(model, dtype=torch.float32, merge=True)
+    return answer_questions(task_data(task).test[:count], {"final model": TextGenerator(loaded.model, loaded.tokenizer)})
+
+
+def answer_questions(examples: list, generators: dict[str, TextGenerator]) -> list[dict]:
+    """Each generator's greedy reply to each example's last user turn, beside the expected answer."""
+    answers = []
+    for example in examples:
+        answer = {"question": example.messages[-2]["content"], "expected": example.messages[-1]["content"]}
+        for label, generator in generators.items():
+            answer[label] = generator.chat(example.messages[:-1], SamplingParams(max_new_tokens=48)).text.strip()
+        answers.append(answer)
+    return answers
