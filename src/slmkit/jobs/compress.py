@@ -18,6 +18,7 @@ from slmkit.compress.lowrank import LowRankConfig, check_lowrank, factorize_mode
 from slmkit.compress.prune import PruneConfig, check_prune, prune_model
 from slmkit.compress.quant.quantize import CALIBRATED, QuantConfig, quantize_model, targets
 from slmkit.compress.structured import StructuredConfig, check_structured, prune_structured
+from slmkit.config import ModelConfig
 from slmkit.data.calibration import calibration_ids
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_checkpoint
@@ -112,8 +113,13 @@ def run_quantize(job: QuantizeJob, log: Log = print) -> str:
     return report.summary()
 
 
-def check_pruning(model: torch.nn.Module, job: PruneJob) -> None:
-    (check_structured if job.structured else check_prune)(model, job.shape if job.structured else job.sparse)
+def check_pruning(model: torch.nn.Module, job: PruneJob) -> ModelConfig:
+    """Every setting against the model's shapes; returns the architecture the pruned model will have
+    (structured pruning shrinks it, unstructured keeps it)."""
+    if job.structured:
+        return check_structured(model, job.shape)
+    check_prune(model, job.sparse)
+    return model.config
 
 
 def run_prune(job: PruneJob, log: Log = print) -> str:

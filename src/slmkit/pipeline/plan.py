@@ -23,7 +23,6 @@ from rich.table import Table
 
 from slmkit.adapters.lora import LoraConfig, check_rank, resolve_targets
 from slmkit.compress.lowrank import check_lowrank
-from slmkit.compress.structured import check_structured
 from slmkit.compress.quant.quantize import targets
 from slmkit.config import ModelConfig, to_dict
 from slmkit.data.prepare import PrepareConfig
@@ -129,10 +128,7 @@ def _check_prepare(config: PrepareConfig, shape: ModelConfig, _flow):
 
 
 def _check_prune(job, shape: ModelConfig, _flow):
-    check_pruning(_meta(shape), job)
-    after = shape
-    if job.structured:
-        after = check_structured(_meta(shape), job.shape)
+    after = check_pruning(_meta(shape), job)
     seconds = 60 * _scale(shape) + 30
     return (seconds, 4 * _params(after), 6 * _params(shape), f"{_params(after) / 1e6:.1f}M parameters after"), after
 
@@ -146,7 +142,7 @@ def _check_distill(cfg, shape: ModelConfig, flow: Flow):
     teacher = _base_shape(cfg.teacher)
     if not cfg.data:
         raise SlmError("distill needs prepared data: give distill.data (a `slm prepare` directory) or a prepare stage")
-    if "prepare" not in flow.raw and not _exists(cfg.data):
+    if "prepare" not in flow.raw and not Path(cfg.data).exists():
         raise SlmError(f"distill.data '{cfg.data}' does not exist; prepare it (`slm prepare`) or add a prepare stage")
     student = shape if cfg.student else dataclasses.replace(
         cfg.model, vocab_size=cfg.model.vocab_size or teacher.vocab_size)
@@ -215,10 +211,6 @@ def _check_export(config: dict, shape: ModelConfig, _flow):
 
 def _check_serve(config, shape: ModelConfig, _flow):
     return (0.0, 0.0, 4 * _params(shape), "prints the command (or starts it with --serve)"), shape
-
-
-def _exists(path: str) -> bool:
-    return Path(path).exists()
 
 
 CHECKS: dict[str, Callable] = {

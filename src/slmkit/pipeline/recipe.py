@@ -31,8 +31,9 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise SlmError(f"pipeline recipe '{path}' not found (see configs/pipeline/ for examples)")
+    written = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(written) or {}
     except yaml.YAMLError as err:
         raise SlmError(f"'{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     raw = apply_overrides(data, list(overrides))
@@ -40,7 +41,7 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     cfg = from_dict(PipelineConfig, raw)
     if not cfg.name:
         cfg.name = path.stem
-    text = path.read_text() + "".join(f"# override: {o}\n" for o in overrides)
+    text = written + "".join(f"# override: {o}\n" for o in overrides)
     return Recipe(cfg, raw, text)
 
 
