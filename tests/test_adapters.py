@@ -13,7 +13,7 @@ from conftest import LLAMA_CPP_MISSING
 
 from slmkit.adapters.lora import LoraConfig, LoRALinear, add_lora, lora_layers
 from slmkit.adapters.merge import merge_adapters, with_adapter_copy
-from slmkit.adapters.peft_format import save_adapter
+from slmkit.interop.peft import save_adapter
 from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 from slmkit.config import ModelConfig
@@ -163,7 +163,7 @@ def test_qlora_trains_only_the_adapter_and_leaves_the_packed_base_bit_identical(
 
 
 def _adapter_files():
-    from slmkit.adapters.peft_format import restore_adapter
+    from slmkit.interop.peft import restore_adapter
     from slmkit.train.checkpoint import ModelFiles
 
     return ModelFiles(lambda m, tok, path: save_adapter(m, path, "tiny", tok), restore_adapter,

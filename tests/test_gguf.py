@@ -200,3 +200,33 @@ def test_unsupported_tensor_type(tmp_path):
     reader = open_gguf(_minimal_gguf(tmp_path / "f64.gguf", tensor_type=Q.F64))
     with pytest.raises(SlmError, match="type F64"):
         dequantize(reader.tensors[0])
+
+
+def test_a_model_in_ollamas_store_loads_by_name(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """`ollama:NAME[:TAG]` finds the GGUF blob through Ollama's manifest (no network, no Ollama)."""
+    import hashlib
+    import json
+
+    from slmkit.cli import main
+
+    config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, name="tiny-pulled")
+    model = random_model(config, seed=3)
+    gguf_file = write_gguf(model, tiny_tokenizer, tmp_path / "x.gguf", "f32")
+    digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    gguf_file.rename(store / "blobs" / f"sha256-{digest}")
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "0.1b"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}"}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    loaded = load("ollama:tiny:0.1b", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), model(ids))
+    assert main(["info", "ollama:tiny:0.1b"]) == 0 and "tiny-pulled" in capsys.readouterr().out
+    with pytest.raises(SlmError, match="Ollama has not pulled 'tiny'.*ollama pull tiny"):
+        load("ollama:tiny")  # the tag defaults to latest, which is not there

@@ -3,7 +3,6 @@ rows equal to solo rows, prefix reuse, and the export cache (reused, rebuilt whe
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -73,10 +72,9 @@ def test_a_model_llama_cpp_cannot_run_is_refused_with_the_torch_hint(tmp_path, t
     from slmkit.errors import SlmError
 
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
-    config = dataclasses.replace(get_preset("tiny").config, attention_bias=True)  # never edit the shared preset
-    save_hf(random_model(config), tiny_tokenizer, tmp_path / "biased")
+    save_hf(random_model(get_preset("tiny-elm").config), tiny_tokenizer, tmp_path / "per-layer")  # widths vary by layer
     with pytest.raises(SlmError, match="use --engine torch"):
-        llamacpp.runtime_files(str(tmp_path / "biased"), "q8_0", progress=lambda _: None)
+        llamacpp.runtime_files(str(tmp_path / "per-layer"), "q8_0", progress=lambda _: None)
 
 
 @torch.inference_mode()
@@ -150,7 +148,7 @@ def test_a_lora_adapter_runs_as_a_llama_cpp_adapter_over_its_base_export(tiny, t
     small KL, the same greedy tokens up to the first near-tie."""
     from slmkit.adapters.lora import LoraConfig, add_lora, lora_layers
     from slmkit.adapters.merge import with_adapter_copy
-    from slmkit.adapters.peft_format import save_adapter
+    from slmkit.interop.peft import save_adapter
 
     model, _, hf = tiny
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))

@@ -13,7 +13,9 @@ PUBLISHED = [name for name, p in PRESETS.items() if p.published_params]
 
 def test_every_family_the_issue_names_is_a_preset():
     expected = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "tinyllama-1.1b", "qwen2-0.5b", "qwen2-1.5b",
-                "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini", "mistral-7b", "mixtral-8x7b", "openelm-270m"}
+                "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini", "mistral-7b", "mixtral-8x7b", "openelm-270m",
+                "qwen2.5-0.5b", "qwen3-0.6b", "gemma-3-270m", "gemma-3-1b", "phi-3.5-mini", "phi-4-mini", "smollm3-3b",
+                "olmo-2-1b", "granite-3.3-2b"}
     assert expected <= set(PUBLISHED)
 
 

@@ -69,3 +69,19 @@ def test_chatml_default_template():
 
 def test_pre_tokenizer_names_are_recognised(smollm):
     assert infer_pre_name(smollm.tokenizer.backend) == "smollm"
+
+
+def test_chat_templates_are_read_where_transformers_keeps_them(tmp_path, tiny_tokenizer):
+    """chat_template.jinja (transformers >= 4.43), and a list of named templates (its `default`)."""
+    import json
+
+    from slmkit.tokenizer import Tokenizer
+
+    tiny_tokenizer.save(tmp_path / "a")
+    (tmp_path / "a" / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert Tokenizer.from_dir(tmp_path / "a").apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
+    tiny_tokenizer.save(tmp_path / "b")
+    conf = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    conf["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps(conf))
+    assert Tokenizer.from_dir(tmp_path / "b").chat_template == "plain"

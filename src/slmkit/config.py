@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from slmkit.errors import SlmError, unknown_choice
+from slmkit.rope import ROPE_TYPES, rope_type
 
 T = TypeVar("T")
 
@@ -184,6 +185,10 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 PerLayer = int | list[int]
+NORM_TYPES = ("rms", "rms_offset", "layer")
+BLOCK_LAYOUTS = ("pre", "sandwich", "post", "parallel")
+QK_NORMS = ("head", "projection")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -203,16 +208,35 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # the epsilon of every norm (Phi-2's LayerNorm too)
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"longrope", "factor": ..., ...}
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # bias on q, k, v (and o unless attention_out_bias says otherwise)
     attention_out_bias: bool | None = None  # None: same as attention_bias; Qwen2 has False
     mlp_bias: bool = False
+    lm_head_bias: bool = False  # Phi-2
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # on embeddings and on each residual branch
     sliding_window: int | None = None  # a query sees itself and the window-1 tokens before it
+    # Per-layer attention: "full_attention" | "sliding_attention" for each layer (Gemma 2/3, Qwen2's
+    # max_window_layers); None: every layer slides when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_base_freq: float | None = None  # Gemma 3: the RoPE base of the sliding layers
+    no_rope_layers: list[int] | None = None  # SmolLM3: 1 = the layer uses RoPE, 0 = it has none (NoPE)
+    partial_rotary_factor: float = 1.0  # share of each head's dims that RoPE rotates (Phi-2, Phi-4-mini)
+    # The variations of the families slmkit reads (model.py says where each acts and who uses it).
+    norm_type: str = "rms"  # rms | rms_offset (Gemma: 1 + w) | layer (Phi-2: LayerNorm with bias)
+    block_layout: str = "pre"  # pre | sandwich (Gemma 2/3) | post (OLMo-2) | parallel (Phi-2)
+    qk_norm: str | None = None  # None | head (Qwen3, Gemma 3) | projection (OLMo-2)
+    gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (Phi-2)
+    embedding_multiplier: float = 1.0  # embeddings times this: Gemma sqrt(hidden), Granite's own
+    residual_multiplier: float = 1.0  # each residual branch times this (Granite)
+    # the score scale; None: 1/sqrt(head_dim) (Granite's own; Gemma 2/3's query_pre_attn_scalar^-0.5)
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0  # logits divided by this (Granite)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the logits
     num_local_experts: int = 0  # 0: dense MLP; >0: Mixtral-style routed experts
     num_experts_per_tok: int = 2
     block_repeats: int = 1  # each stored block is applied this many times in a row (weight sharing)
@@ -239,6 +263,46 @@ class ModelConfig:
             raise SlmError(f"hidden_size={self.hidden_size} is not divisible by {self.heads(0)} heads; set head_dim")
         if self.num_local_experts and self.num_experts_per_tok > self.num_local_experts:
             raise SlmError("num_experts_per_tok is larger than num_local_experts")
+        self._check_switches()
+
+    def _check_switches(self) -> None:
+        for name, value, allowed in (("norm_type", self.norm_type, NORM_TYPES),
+                                     ("block_layout", self.block_layout, BLOCK_LAYOUTS),
+                                     ("qk_norm", self.qk_norm, (None, *QK_NORMS))):
+            if value not in allowed:
+                raise unknown_choice(name, str(value), [a for a in allowed if a])
+        for name in ("layer_types", "no_rope_layers"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.num_hidden_layers or self.block_repeats != 1:
+                raise SlmError(f"{name} has {len(values)} entries for {self.num_hidden_layers} layers "
+                               f"(one per layer, without block sharing)")
+        bad = sorted(set(self.layer_types or []) - set(LAYER_TYPES))
+        if bad:
+            raise SlmError(f"layer_types holds {bad}; slmkit runs {', '.join(LAYER_TYPES)}")
+        if self.layer_types and "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise SlmError("layer_types has sliding_attention layers but sliding_window is not set")
+        if rope_type(self.rope_scaling) not in ROPE_TYPES:
+            raise SlmError(f"rope_scaling type '{rope_type(self.rope_scaling)}' is not supported "
+                           f"(supported: {', '.join(ROPE_TYPES)})")
+        if not 0 < self.partial_rotary_factor <= 1 or int(self.resolved_head_dim * self.partial_rotary_factor) % 2:
+            raise SlmError(f"partial_rotary_factor {self.partial_rotary_factor} must give an even number of "
+                           f"rotary dims of the head's {self.resolved_head_dim}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window is not None
+
+    def rope_kind(self, layer: int) -> str | None:
+        """The RoPE table `layer` uses: "global", "local" (Gemma 3's sliding layers) or None (NoPE)."""
+        if self.no_rope_layers is not None and not self.no_rope_layers[layer]:
+            return None
+        if self.rope_local_base_freq is not None and self.is_sliding(layer):
+            return "local"
+        return "global"
 
     @property
     def num_blocks(self) -> int:

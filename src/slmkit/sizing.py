@@ -55,12 +55,14 @@ def weight_bytes(params: int, bits: int, group_size: int = 32) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, batch: int = 1, bits: int = 16) -> int:
-    """Keys and values for every applied layer: 2 x K x D per token per layer."""
-    per_token = sum(2 * config.kv_heads(i // config.block_repeats) * config.resolved_head_dim
-                    for i in range(config.num_hidden_layers))
-    if config.sliding_window:  # a rolling cache needs no more than the window
-        context = min(context, config.sliding_window)
-    return int(per_token * context * batch * bits / 8)
+    """Keys and values for every applied layer: 2 x K x D per token per layer (up to the window in
+    sliding-window layers)."""
+    def held(layer: int) -> int:  # a sliding layer's rolling cache needs no more than the window
+        return min(context, config.sliding_window) if config.is_sliding(layer) else context
+
+    values = sum(2 * config.kv_heads(i // config.block_repeats) * config.resolved_head_dim * held(i)
+                 for i in range(config.num_hidden_layers))
+    return int(values * batch * bits / 8)
 
 
 def human_bytes(n: float) -> str:

@@ -1,10 +1,15 @@
-"""Byte-level BPE tokenizers on top of Hugging Face `tokenizers`, and chat templates.
+"""Tokenizers on top of Hugging Face `tokenizers`, and chat templates.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` with what generation needs: special ids, whether to add
 BOS/EOS, the chat template, and the llama.cpp name of the pre-tokenizer (`pre`), which is how a
-GGUF file says how text is split before BPE. We build the `tokenizers` object ourselves from a
-GGUF's vocabulary and merges (the library has no GGUF reader) and render chat templates with
-jinja2's sandbox, as transformers does.
+GGUF file says how text is split before BPE. Two kinds of vocabulary come in GGUF files, and we
+build the `tokenizers` object for each ourselves (the library has no GGUF reader):
+- byte-level BPE (`gpt2`: SmolLM, Llama 3, Qwen, Phi-2, OLMo, Granite) from tokens and merges;
+- SentencePiece (`llama`: Llama 2, TinyLlama, Gemma, Phi-3) from tokens, scores and token types,
+  as llama.cpp tokenizes it: spaces become U+2581, optionally one is prepended, adjacent pieces
+  merge highest score first, and characters the vocabulary lacks fall back to <0xNN> byte tokens.
+  Its merge list is derived from the scores, as transformers' SentencePiece converter does.
+Chat templates are rendered with jinja2's sandbox, as transformers does.
 
 This module does not read or write GGUF files itself (see `slmkit.interop.gguf`).
 """
@@ -12,10 +17,11 @@ This module does not read or write GGUF files itself (see `slmkit.interop.gguf`)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from slmkit.errors import SlmError
@@ -62,6 +68,41 @@ CHATML_TEMPLATE = (
 )
 
 
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece's (and llama.cpp's) merging: every split of a normal
+    piece into two normal pieces, the piece with the higher score first (ties: the lower id)."""
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == 1}
+    found = [(-scores[i], i, tok[:k], tok[k:]) for tok, i in normal.items() for k in range(1, len(tok))
+             if tok[:k] in normal and tok[k:] in normal]
+    return [(left, right) for _, _, left, right in sorted(found)]
+
+
+def _merge_scores(tokens: list[str], merges: list) -> list[float]:
+    """-rank of the first merge that makes each piece (0 for pieces no merge makes)."""
+    made: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made.setdefault(left + right, rank)
+    return [-float(made[t]) if t in made else 0.0 for t in tokens]
+
+
+def _prepends_space(data: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts U+2581 before the text (Llama 2: yes, Gemma: no)."""
+    def walk(node) -> bool:
+        if isinstance(node, dict):
+            if node.get("type") == "Prepend" and node.get("prepend") == SPM_SPACE:
+                return True
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never":
+                return node.get("add_prefix_space", True)
+            return any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+
+    return walk(data.get("normalizer")) or walk(data.get("pre_tokenizer"))
+
+
 def make_pre_tokenizer(pre: str):
     name = PRE_ALIASES.get(pre, pre)
     if name not in PRE_TOKENIZERS:
@@ -106,7 +147,8 @@ class Tokenizer:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
-    pre: str | None = None  # llama.cpp pre-tokenizer name; None if unknown (GGUF export refuses)
+    pre: str | None = None  # llama.cpp pre-tokenizer name; None if unknown (GGUF export refuses byte-level BPE)
+    scores: list[float] | None = None  # SentencePiece piece scores, kept from a GGUF for writing one back
 
     # -- building ---------------------------------------------------------------------------
 
@@ -133,6 +175,27 @@ class Tokenizer:
         return cls(backend=backend, pre=name, **special)
 
     @classmethod
+    def from_spm_vocab(cls, tokens: list[str], scores: list[float] | None, token_types: list[int] | None,
+                       add_space_prefix: bool, **special) -> Tokenizer:
+        """SentencePiece from a GGUF-style vocabulary (tokenizer model `llama`): pieces in id order
+        with their scores and types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+        types = token_types or [1] * len(tokens)
+        scores = [float(x) for x in scores] if scores is not None else [0.0] * len(tokens)
+        unknown = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+        model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=spm_merges(tokens, scores, types),
+                           unk_token=unknown, fuse_unk=True, byte_fallback=True)
+        backend = Backend(model)
+        replace = normalizers.Replace(" ", SPM_SPACE)
+        prepend = [normalizers.Prepend(SPM_SPACE)] if add_space_prefix else []
+        backend.normalizer = normalizers.Sequence([*prepend, replace])
+        backend.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                            + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == 3])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+        return cls(backend=backend, pre=None, scores=scores, **special)
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load `tokenizer.json` (+ `tokenizer_config.json` when present) from an HF directory."""
         path = Path(path)
@@ -155,9 +218,28 @@ class Tokenizer:
         return cls(
             backend=backend, bos_token_id=token_id("bos_token"), eos_token_id=token_id("eos_token"),
             pad_token_id=token_id("pad_token"), add_bos=bool(conf.get("add_bos_token", False)),
-            add_eos=bool(conf.get("add_eos_token", False)), chat_template=conf.get("chat_template"),
+            add_eos=bool(conf.get("add_eos_token", False)), chat_template=_dir_template(path, conf),
             pre=infer_pre_name(backend),
         )
+
+    def spm_vocab(self) -> tuple[list[str], list[float], list[int], bool] | None:
+        """(pieces, scores, types, add_space_prefix) of a SentencePiece-style vocabulary (BPE with byte
+        fallback over U+2581 spaces: Llama 2, Gemma, Phi-3), or None for byte-level BPE. Scores come
+        from the GGUF the tokenizer was read from, else from the merge ranks (a piece made by an
+        earlier merge scores higher), which is what llama.cpp's merging needs to follow BPE's."""
+        data = json.loads(self.backend.to_str())
+        model = data["model"]
+        if model.get("type") != "BPE" or not model.get("byte_fallback"):
+            return None
+        n = self.vocab_size
+        tokens, types = [""] * n, [1] * n
+        for token, i in model["vocab"].items():
+            tokens[i] = token
+            types[i] = 6 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else 2 if token == model.get("unk_token") else 1
+        for added in data.get("added_tokens", []):
+            tokens[added["id"]], types[added["id"]] = added["content"], 3 if added["special"] else 4
+        scores = self.scores if self.scores and len(self.scores) == n else _merge_scores(tokens, model["merges"])
+        return tokens, list(scores), types, _prepends_space(data)
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json` (chat template included)."""
@@ -244,8 +326,24 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     return n_bytes / max(n_tokens, 1)
 
 
+def _dir_template(path: Path, conf: dict) -> str | None:
+    """The chat template of an HF directory: `chat_template.jinja` (transformers >= 4.43 saves it
+    there) or tokenizer_config.json's, where a list of named templates gives its `default`."""
+    file = path / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text()
+    template = conf.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
-    """Jinja2 in a sandbox with the settings transformers uses (trim_blocks, lstrip_blocks)."""
+    """Jinja2 in a sandbox with the settings and helpers transformers gives templates (trim_blocks,
+    lstrip_blocks, raise_exception, strftime_now: Llama 3.x's templates print today's date)."""
+    from datetime import datetime
+
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -254,6 +352,7 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **extra)

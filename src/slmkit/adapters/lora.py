@@ -9,7 +9,7 @@ A is (r, in), initialised Kaiming-uniform as in PEFT; B is (out, r), zero, so a 
 changes nothing; m (DoRA's magnitude) starts at the row norms of W. The attribute names are PEFT's
 (`lora_A`, `lora_B`, `lora_magnitude_vector`, `base_layer`), so our state-dict keys are PEFT's
 keys without the `base_model.model.` prefix and the adapter's file format is a rename away
-(`slmkit.adapters.peft_format`).
+(`slmkit.interop.peft`).
 
 Why not import peft: its LoRA layer is bound to transformers' model classes and to its own
 dispatch over a dozen backends; ours wraps our packed int4/int8 kernels, which peft cannot, in

@@ -16,12 +16,16 @@ from __future__ import annotations
 import torch
 
 from slmkit.errors import SlmError
-from slmkit.model import CausalLM, attention_mask, rope_cos_sin
+from slmkit.model import Block, CausalLM
 
-# linears of a block that read the same input, in the order the block computes them: one set of
-# statistics (one Hessian, one AWQ scale) serves each group
-SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# every linear a dense block may have (a block has all or, Phi-2's plain MLP, all but gate_proj)
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def block_linears(block: Block) -> tuple[str, ...]:
+    """The block's linears in the order it runs them."""
+    return tuple(name for group in block.input_groups() for name in group)
 
 
 def check_calibration(model: CausalLM, ids: torch.Tensor | None, method: str) -> torch.Tensor:
@@ -49,11 +53,10 @@ class BlockInputs:
         self.model, self.micro_batch = model, micro_batch
         n, t = ids.shape
         with torch.no_grad():
-            self.x = torch.cat([model.model.embed_tokens(ids[i : i + micro_batch]).float()
+            self.x = torch.cat([model.embed(ids[i : i + micro_batch]).float()
                                 for i in range(0, n, micro_batch)])  # (n, T, C)
-        positions = torch.arange(t).expand(1, t)
-        self.cos, self.sin = rope_cos_sin(model.inv_freq, positions, torch.float32)
-        self.mask, self.is_causal = attention_mask(0, t, None, model.config.sliding_window)
+        # RoPE tables and masks of every layer kind; each block picks its own
+        self.layer_inputs = model.layer_inputs(torch.arange(t).expand(1, t), 0, t, None, torch.float32)
 
     @property
     def tokens(self) -> int:
@@ -67,7 +70,7 @@ class BlockInputs:
         """
         outputs = []
         for i in range(0, self.x.shape[0], self.micro_batch):
-            y = block(self.x[i : i + self.micro_batch], self.cos, self.sin, self.mask, self.is_causal)
+            y = block(self.x[i : i + self.micro_batch], self.layer_inputs)
             if advance:
                 outputs.append(y)
         if advance:
@@ -117,8 +120,9 @@ class LinearStats:
 
 def block_stats(block: torch.nn.Module, inputs: BlockInputs) -> dict[str, LinearStats]:
     """Run `block` once over the calibration inputs (without advancing them) and return the input
-    statistics of every linear in SHARED_INPUTS, by name; members of a group share one object."""
-    taps = {group: LinearStats(block.get_submodule(group[0])) for group in SHARED_INPUTS}
+    statistics of every linear of the block (`Block.input_groups`), by name; members of a group share
+    one object."""
+    taps = {group: LinearStats(block.get_submodule(group[0])) for group in block.input_groups()}
     try:
         inputs.run(block, advance=False)
     finally:

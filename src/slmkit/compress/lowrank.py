@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slmkit.compress.calibrate import (
-    SHARED_INPUTS,
+    BLOCK_LINEARS,
     BlockInputs,
     block_stats,
     check_calibration,
@@ -51,7 +51,6 @@ from slmkit.layers import LowRankLinear, swap_linears, untie_head
 
 METHODS = ("svd", "whitened")
 ALLOCATIONS = ("uniform", "sensitivity")
-BLOCK_LINEARS = tuple(name for group in SHARED_INPUTS for name in group)  # e.g. "self_attn.q_proj"
 TARGETS = tuple(name.rpartition(".")[2] for name in BLOCK_LINEARS) + ("lm_head",)
 MIN_RANK_SHARE = 0.5  # sensitivity never cuts a linear below half its uniform rank (0.25 measured worse)
 MAX_DAMP_TRIES = 8

@@ -24,14 +24,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from slmkit.compress.calibrate import SHARED_INPUTS, BlockInputs, LinearStats, block_stats, check_calibration
+from slmkit.compress.calibrate import (
+    BLOCK_LINEARS,
+    BlockInputs,
+    LinearStats,
+    block_linears,
+    block_stats,
+    check_calibration,
+)
 from slmkit.compress.sparsegpt import row_quota, sparsegpt_prune
 from slmkit.errors import SlmError, unknown_choice
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 UNSTRUCTURED = METHODS
-BLOCK_LINEARS = tuple(name for group in SHARED_INPUTS for name in group)
-
 
 @dataclass
 class PruneConfig:
@@ -89,7 +94,7 @@ def check_prune(model: nn.Module, cfg: PruneConfig) -> list[str]:
         raise SlmError(f"sparsity {cfg.sparsity} is outside (0, 1); e.g. --sparsity 0.5 removes half the weights")
     if model.config.quantization or model.config.lowrank:
         raise SlmError("prune the float model, then quantize or factorize it (this one is already compressed)")
-    names = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in BLOCK_LINEARS
+    names = [f"model.layers.{i}.{n}" for i, block in enumerate(model.model.layers) for n in block_linears(block)
              if isinstance(_get(model, f"model.layers.{i}.{n}"), nn.Linear)]
     if not names:
         raise SlmError("the model has no dense attention/MLP linears to prune (mixture-of-experts is not supported)")
@@ -140,7 +145,7 @@ def _prune_calibrated(model, cfg: PruneConfig, ids: torch.Tensor, nm, progress: 
     for i in bar:
         block = layers[i]
         stats = block_stats(block, inputs)  # every linear's inputs, before this block is pruned
-        for name in BLOCK_LINEARS:
+        for name in block_linears(block):
             weight = block.get_submodule(name).weight
             if cfg.method == "wanda":
                 weight.copy_(prune_by_score(weight, wanda_score(weight, stats[name]), cfg.sparsity, nm))

@@ -134,6 +134,7 @@ def check_structured(model: CausalLM, cfg: StructuredConfig) -> ModelConfig:
         if value is not None and not 1 <= value <= limit:
             raise SlmError(f"--{name} {value} is outside 1..{limit} (the model has {limit}); structured pruning "
                            "only removes")
+    _check_family(c, cfg)
     heads, kv = _check_heads(c, cfg.heads, cfg.kv_heads)
     target = _target(c, cfg.ffn or c.ffn_size(0), heads, kv, cfg.hidden or c.hidden_size,
                      cfg.layers or c.num_hidden_layers)
@@ -154,6 +155,25 @@ def _check_model(model: CausalLM) -> None:
     extra = [n for n, _ in model.named_parameters() if _role(n) is None]
     if extra:
         raise SlmError(f"the model has parameters structured pruning does not know ({extra[0]}); merge adapters first")
+
+
+def _check_family(c: ModelConfig, cfg: StructuredConfig) -> None:
+    """Cuts a family's arithmetic does not survive, refused before any work."""
+    if cfg.hidden is not None and cfg.hidden < c.hidden_size and not hidden_prunable(c):
+        raise SlmError(f"--hidden cannot prune a {c.model_type} model: {_HIDDEN_REASON}; prune --ffn, --heads or "
+                       "--layers instead")
+    if c.qk_norm == "projection" and (cfg.heads, cfg.kv_heads) != (None, None):
+        raise SlmError(f"--heads/--kv-heads cannot prune a {c.model_type} model: its q/k norms normalise all heads "
+                       "together, so removing a head changes the others; prune --ffn, --hidden or --layers instead")
+
+
+_HIDDEN_REASON = ("removing channels rescales RMSNorm weights by sqrt(C/C'), which Gemma's 1 + w norms, Phi-2's "
+                  "mean-centred LayerNorm and an embedding scaled by sqrt(hidden) do not allow")
+
+
+def hidden_prunable(c: ModelConfig) -> bool:
+    """Whether hidden channels can go: plain RMSNorms and an embedding scale that does not depend on C."""
+    return c.norm_type == "rms"  # Gemma's norms are rms_offset, so its sqrt(hidden) embedding scale is covered
 
 
 def _check_heads(c: ModelConfig, heads: int | None, kv: int | None) -> tuple[int, int]:
@@ -184,8 +204,10 @@ def _target(c: ModelConfig, ffn: int, heads: int, kv: int, hidden: int, layers: 
     head_dim = c.head_dim
     if head_dim is None and hidden != heads * c.resolved_head_dim:
         head_dim = c.resolved_head_dim
+    # per-layer lists are cut to length here; the layers actually kept are chosen after scoring
+    lists = {k: getattr(c, k)[:layers] for k in ("layer_types", "no_rope_layers") if getattr(c, k) is not None}
     return c.replace(intermediate_size=ffn, num_attention_heads=heads, num_key_value_heads=kv, hidden_size=hidden,
-                     num_hidden_layers=layers, head_dim=head_dim)
+                     num_hidden_layers=layers, head_dim=head_dim, **lists)
 
 
 def search_shape(c: ModelConfig, fixed: ModelConfig, target: int) -> ModelConfig:
@@ -203,7 +225,8 @@ def search_shape(c: ModelConfig, fixed: ModelConfig, target: int) -> ModelConfig
     if count_params(fixed).total <= target:
         return fixed  # fewer heads or layers already bring it under the target
     step = math.lcm(HIDDEN_MULTIPLE, fixed.heads(0))
-    fits = [s for h in range(c.hidden_size // step * step, 0, -step) if (s := _widest_ffn(c, fixed, h, target))]
+    widths = range(c.hidden_size // step * step, 0, -step) if hidden_prunable(c) else [c.hidden_size]
+    fits = [s for h in widths if (s := _widest_ffn(c, fixed, h, target))]
     if not fits:
         raise SlmError(f"--params {target / 1e6:.1f}M cannot be reached with {fixed.heads(0)} heads and "
                        f"{fixed.num_hidden_layers} layers; give fewer --layers or --heads too")
@@ -264,10 +287,10 @@ class _Taps:
     def __init__(self, block, n_heads: int):
         self.neurons = self.heads = self.channels = 0.0
         self.n_heads = n_heads
+        norms = {id(n): n for n in map(block.norm, range(4)) if n is not None}.values()  # Phi-2's is shared
         self.handles = [block.mlp.down_proj.register_forward_pre_hook(self._neurons),
                         block.self_attn.o_proj.register_forward_pre_hook(self._heads),
-                        block.input_layernorm.register_forward_hook(self._norm),
-                        block.post_attention_layernorm.register_forward_hook(self._norm)]
+                        *(norm.register_forward_hook(self._norm) for norm in norms)]
 
     def _neurons(self, _module, args):
         self.neurons = self.neurons + args[0].detach().abs().float().flatten(0, -2).sum(0)  # (F,)
@@ -414,7 +437,11 @@ def _plan(c: ModelConfig, target: ModelConfig, imp: Importance, cfg: StructuredC
 # parameter name suffix -> which index selects its (rows, columns): c hidden channels, q query-head
 # rows, kv key/value rows, f MLP neurons, None all
 ROLES = {
-    "input_layernorm.weight": ("c", None), "post_attention_layernorm.weight": ("c", None),
+    **{f"{norm}.{p}": ("c", None) for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                              "post_feedforward_layernorm") for p in ("weight", "bias")},
+    # per-head q/k norms (D,) are the same for every head; OLMo-2's whole-projection ones are refused
+    # above for head cuts, and are sliced like the projection's rows otherwise
+    "self_attn.q_norm.weight": ("qn", None), "self_attn.k_norm.weight": ("kvn", None),
     "self_attn.q_proj.weight": ("q", "c"), "self_attn.q_proj.bias": ("q", None),
     "self_attn.k_proj.weight": ("kv", "c"), "self_attn.k_proj.bias": ("kv", None),
     "self_attn.v_proj.weight": ("kv", "c"), "self_attn.v_proj.bias": ("kv", None),
@@ -422,7 +449,8 @@ ROLES = {
     "mlp.gate_proj.weight": ("f", "c"), "mlp.gate_proj.bias": ("f", None),
     "mlp.up_proj.weight": ("f", "c"), "mlp.up_proj.bias": ("f", None),
     "mlp.down_proj.weight": ("c", "f"), "mlp.down_proj.bias": ("c", None),
-    "model.embed_tokens.weight": (None, "c"), "model.norm.weight": ("c", None), "lm_head.weight": (None, "c"),
+    "model.embed_tokens.weight": (None, "c"), "model.norm.weight": ("c", None), "model.norm.bias": ("c", None),
+    "lm_head.weight": (None, "c"), "lm_head.bias": (None, None),
 }
 
 
@@ -449,7 +477,7 @@ def _sliced_state(model: CausalLM, plan: _Plan, xtx: list[dict[str, torch.Tensor
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        if name.endswith("norm.weight") and len(plan.channels) < hidden:
+        if (name.endswith("layernorm.weight") or name == "model.norm.weight") and len(plan.channels) < hidden:
             tensor = tensor * norm_scale
         index = {"c": plan.channels}
         if name.startswith("model.layers."):
@@ -458,6 +486,8 @@ def _sliced_state(model: CausalLM, plan: _Plan, xtx: list[dict[str, torch.Tensor
                 continue
             j = plan.layers.index(old)
             index.update(q=_rows(plan.heads[j], d), kv=_rows(plan.kv[j], d), f=plan.neurons[j])
+            per_head = model.config.qk_norm == "head"
+            index.update(qn=torch.arange(d) if per_head else index["q"], kvn=torch.arange(d) if per_head else index["kv"])
             name = f"model.layers.{j}." + name.split(".", 3)[3]
         rows, cols = _role(name)
         if xtx and cols in ("f", "q") and name.endswith("weight") and len(index[cols]) < tensor.shape[1]:
@@ -481,8 +511,10 @@ def _final_config(c: ModelConfig, target: ModelConfig, plan: _Plan, imp: Importa
     kv = _per_layer([len(k) for k in plan.kv])
     ffn = _per_layer([len(n) for n in plan.neurons])
     changed = isinstance(heads, list) or target.head_dim is not None
+    lists = {k: [getattr(c, k)[i] for i in plan.layers] for k in ("layer_types", "no_rope_layers")
+             if getattr(c, k) is not None}  # the kept layers keep their attention type and RoPE
     out = target.replace(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
-                         head_dim=c.resolved_head_dim if changed else None)
+                         head_dim=c.resolved_head_dim if changed else None, **lists)
     section = {"method": "structured", "params_before": count_params(c).total,
                "original": {k: getattr(c, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "num_hidden_layers")},

@@ -24,7 +24,10 @@ from slmkit.errors import SlmError
 
 # Real shapes only (the tiny test configs would squash the plot): 30 thin layers (SmolLM2-135M) against
 # 16 wide ones (OpenELM-270M, Llama-3.2-1B), a 49k against a 152k and a 128k vocabulary.
-SWEEP_PRESETS = ("smollm2-135m", "openelm-270m", "smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
+# Real shapes from 135M to 1.5B, several families at similar sizes, so the sweep shows what the architecture
+# (vocabulary, head count, GQA, Gemma's 256-wide heads, OLMo-2's post-norms) does to speed at equal parameters.
+SWEEP_PRESETS = ("smollm2-135m", "gemma-3-270m", "openelm-270m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",
+                 "gemma-3-1b", "llama-3.2-1b", "olmo-2-1b")
 
 
 @dataclass

@@ -37,8 +37,9 @@ from slmkit.fileio import atomic_write, file_sha256, write_json
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config
-from slmkit.adapters.peft_format import is_adapter_dir, read_adapter
+from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.load import find_base, inspect, load, resolve
+from slmkit.rope import rope_type
 from slmkit.tokenizer import Tokenizer
 
 try:  # the [llamacpp] extra
@@ -206,6 +207,15 @@ def _write_entry(entry: Path, config: ModelConfig, tokenizer: Tokenizer | None, 
     tokenizer.save(entry)  # last: its tokenizer_config.json marks a finished entry
 
 
+def default_context(config: ModelConfig, trained: int) -> int:
+    """The context a llama.cpp engine gets unless asked for more: the trained one, except for LongRoPE,
+    whose long factors llama.cpp applies to every position once the context exceeds the original one
+    (transformers only past it), so by default the context stays where both give the same tokens."""
+    if rope_type(config.rope_scaling) == "longrope":
+        return min(trained, int(config.rope_scaling["original_max_position_embeddings"]))
+    return trained
+
+
 class LlamaCppEngine:
     def __init__(self, gguf: str | Path, config: ModelConfig, max_seq_len: int | None = None,
                  threads: int | None = None, sequences: int = 1, batch_tokens: int = 512, lora: Path | None = None):
@@ -222,7 +232,7 @@ class LlamaCppEngine:
         if not self._model:
             raise SlmError(f"llama.cpp could not load '{gguf}'")
         trained = llama_cpp.llama_model_n_ctx_train(self._model)
-        self.max_seq_len = min(max_seq_len or trained, trained)
+        self.max_seq_len = min(max_seq_len or default_context(config, trained), trained)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_seq_max = self.max_seq_len * sequences, sequences
         params.n_batch = params.n_ubatch = batch_tokens

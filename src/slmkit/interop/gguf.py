@@ -1,13 +1,19 @@
-"""GGUF (llama.cpp) import and export for `llama`-architecture models.
+"""GGUF (llama.cpp) import and export for every family `slmkit.interop.families` knows.
 
-Import: metadata -> `ModelConfig`, the embedded byte-level BPE vocabulary -> `Tokenizer`, tensors
+Import: metadata -> `ModelConfig` (the keys every architecture shares here, the rest through the
+family's `GgufSpec.read`), the embedded vocabulary -> `Tokenizer` (`gguf_vocab`), tensors
 dequantized by the `gguf` package (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and the K-quants) and
-renamed to HF names, with q/k rows permuted back from ggml's interleaved RoPE layout.
+renamed to HF names, undoing what the architecture's converter did: q/k rows permuted back from
+ggml's paired RoPE layout (NORM-RoPE archs), 1 subtracted from Gemma's norms, fused q/k/v and
+Phi-3's [gate; up] split.
 
-Export: F32/F16 here (quantized types belong to `slmkit.compress`). The writer follows
-llama.cpp's convert_hf_to_gguf.py: tensors in PyTorch [out, in] order (GGUFWriter reverses the
-dims itself), 1-D tensors and norms in F32, tokenizer `gpt2` with an explicit `pre`. A factorized
-(low-rank) model is refused: densify it first (`slmkit.compress.lowrank.densify`, `--densify`).
+Export: F32/F16 here (quantized types belong to `gguf_quants`), written as the architecture of the
+family that holds the model (`export_family`), the reverse of each import step, plus what the
+arch's graph needs beside the weights (Llama 3's `rope_freqs`, LongRoPE's factor tensors, Gemma's
+attention scale folded into q, which llama.cpp hard-codes). Like llama.cpp's convert_hf_to_gguf.py:
+tensors in PyTorch [out, in] order (GGUFWriter reverses the dims itself), 1-D tensors in F32. A
+model llama.cpp would run differently is refused with the reason (`check_exportable`); an arch
+whose graph has no sliding window gets the window as its context length, where it changes nothing.
 
 Memory: weights go tensor by tensor into a model built on the `meta` device, so loading needs
 about one fp32 copy of the weights plus one tensor of scratch.
@@ -23,8 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit.config import ModelConfig
+from slmkit.config import ModelConfig, from_dict
 from slmkit.errors import SlmError
+from slmkit.interop.families import GgufSpec, export_family, family_of, gguf_family
+from slmkit.interop.gguf_file import GgufContents
+from slmkit.interop.gguf_vocab import field, read_tokenizer, write_tokenizer  # noqa: F401 (read_tokenizer re-exported)
+from slmkit.rope import rope_type, yarn_factor
 from slmkit.tokenizer import Tokenizer
 
 # (gguf_name, fp32 array in PyTorch order) -> (array to store, GGMLQuantizationType)
@@ -33,15 +43,28 @@ Encoder = Callable[[str, np.ndarray], tuple[np.ndarray, object]]
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-# GGUF name (per block N) -> HF name.
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "block_sparse_moe.gate",
-}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}  # (E, out, in) stacks
+TANH_GELU = {"gelu_new": "gelu_pytorch_tanh"}  # two names of one function
+NOT_WEIGHTS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # RoPE tables
+
+
+def block_names(c: ModelConfig) -> dict[str, str]:
+    """GGUF name -> our module path inside block N. HF's `post_attention_layernorm` feeds the MLP
+    in the pre-norm layout (GGUF `ffn_norm`) but follows attention in Gemma 2/3 and OLMo-2."""
+    names = {
+        "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj", "ffn_gate_inp": "block_sparse_moe.gate",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    }
+    if c.block_layout == "pre":
+        names["ffn_norm"] = "post_attention_layernorm"
+    else:
+        names["post_attention_norm"] = "post_attention_layernorm"
+        names["ffn_norm"] = "pre_feedforward_layernorm"
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +73,7 @@ EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF -> GGUF: inside each head, row i pairs with i + D/2 becomes rows 2i, 2i+1."""
+    """HF -> GGUF: inside each head, row i pairs with i + D/2 becomes rows 2i, 2i+1 (biases too)."""
     head_dim = w.shape[0] // n_heads
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -66,10 +89,9 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader` for `path`, with one-line errors for missing, foreign or broken files."""
-    import gguf
-
+def open_gguf(path: str | Path) -> GgufContents:
+    """The metadata and tensor index of `path` (`gguf_file`), with one-line errors for missing, foreign
+    or broken files."""
     path = Path(path)
     if not path.is_file():
         raise SlmError(f"model file '{path}' not found")
@@ -78,90 +100,94 @@ def open_gguf(path: str | Path):
     if magic != b"GGUF":
         raise SlmError(f"'{path}' is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+        return GgufContents(path)
+    except Exception as err:  # bad bytes raise ValueError/IndexError/struct errors
         raise SlmError(f"'{path}' is not a readable GGUF file (truncated or corrupt: {err})") from err
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+class GgufFields:
+    """What a family's read hook sees: the arch's keys, tensor names, small tensors."""
+
+    def __init__(self, reader, arch: str):
+        self.reader, self.arch = reader, arch
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def key(self, name: str, default=None):
+        return field(self.reader, f"{self.arch}.{name}", default)
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.tensors
+
+    def tensor(self, name: str) -> np.ndarray:
+        return dequantize(self.tensors[name])
 
 
 def read_config(reader) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise SlmError(f"GGUF architecture '{arch}' is not supported (slmkit imports 'llama' models)")
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise SlmError("this GGUF carries per-dimension RoPE frequency factors (rope_freqs), "
-                       "which slmkit does not import yet; use the model's HF directory instead")
+    arch = field(reader, "general.architecture")
+    experts = int(field(reader, f"{arch}.expert_count", 0) or 0)
+    family = gguf_family(arch, bool(experts))
+    g = GgufFields(reader, arch)
+    values = _common_values(g, family, experts)
+    values.update({k: v for k, v in family.fixed.items() if not callable(v)})
+    if family.gguf.read:
+        family.gguf.read(g, values)
+    config = from_dict(ModelConfig, values)
+    derived = {k: v(config) for k, v in family.fixed.items() if callable(v)}
+    return config.replace(**derived) if derived else config
 
-    def key(name, default=None):
-        return _field(reader, f"llama.{name}", default)
 
-    tensor_names = {t.name for t in reader.tensors}
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    heads = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
-    head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // heads
-    experts = int(key("expert_count", 0) or 0)
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
+def _common_values(g: GgufFields, family, experts: int) -> dict:
+    embd = g.tensors["token_embd.weight"]
+    heads, hidden = int(g.key("attention.head_count")), int(g.key("embedding_length"))
+    head_dim = int(g.key("attention.key_length") or hidden // heads)
+    rotary = int(g.key("rope.dimension_count") or head_dim)
+    bos, eos = field(g.reader, "tokenizer.ggml.bos_token_id"), field(g.reader, "tokenizer.ggml.eos_token_id")
+    values = dict(
         vocab_size=int(embd.shape[1]), hidden_size=hidden,
-        intermediate_size=int(key("expert_feed_forward_length") or key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=None if head_dim == hidden // heads else int(head_dim),
-        max_position_embeddings=int(key("context_length", 2048)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(reader),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        num_local_experts=experts, num_experts_per_tok=int(key("expert_used_count", 2) or 2),
+        intermediate_size=int(g.key("expert_feed_forward_length") or g.key("feed_forward_length")),
+        num_hidden_layers=int(g.key("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(g.key("attention.head_count_kv", heads)),
+        head_dim=None if head_dim == hidden // heads else head_dim, partial_rotary_factor=rotary / head_dim,
+        max_position_embeddings=int(g.key("context_length", 2048)),
+        rms_norm_eps=float(g.key(family.gguf.eps_key, 1e-5)), rope_theta=float(g.key("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(g), tie_word_embeddings=not g.has("output.weight"),
+        lm_head_bias=g.has("output.bias"), num_local_experts=experts, hidden_act=family.gguf.act,
+        num_experts_per_tok=int(g.key("expert_used_count", 2) or 2),
         bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
-        model_type="mixtral" if experts else "llama", name=str(_field(reader, "general.name", "")),
+        model_type=family.model_type, name=str(field(g.reader, "general.name", "")),
     )
+    biases = {name.split(".")[2] for name in g.tensors if name.startswith("blk.0.") and name.endswith(".bias")}
+    values["attention_bias"] = bool(biases & {"attn_q", "attn_k", "attn_v", "attn_qkv"})
+    values["attention_out_bias"] = "attn_output" in biases
+    values["mlp_bias"] = bool(biases & {"ffn_up", "ffn_down", "ffn_gate"})
+    return values
 
 
-def _rope_scaling(reader) -> dict | None:
-    kind = _field(reader, "llama.rope.scaling.type")
-    if kind in (None, "none"):
+def _rope_scaling(g: GgufFields) -> dict | None:
+    kind = g.key("rope.scaling.type")
+    factor = float(g.key("rope.scaling.factor", 0.0) or 0.0)
+    if kind in (None, "none", "linear") and factor in (0.0, 1.0):  # llama.cpp: no factor means no scaling
         return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_field(reader, "llama.rope.scaling.factor"))}
-    raise SlmError(f"GGUF rope scaling '{kind}' is not supported (supported: none, linear)")
+    if kind in (None, "linear"):
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": int(g.key("rope.scaling.original_context_length")),
+                "beta_fast": float(g.key("rope.scaling.yarn_beta_fast", 32.0)),
+                "beta_slow": float(g.key("rope.scaling.yarn_beta_slow", 1.0))}
+    raise SlmError(f"GGUF rope scaling '{kind}' is not supported (supported: none, linear, yarn)")
 
 
-def read_tokenizer(reader) -> Tokenizer | None:
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind is None:
-        return None
-    if kind != "gpt2":
-        raise SlmError(f"GGUF tokenizer '{kind}' is not supported (slmkit reads byte-level BPE, 'gpt2')")
-    special = {
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
-        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-    }
-    return Tokenizer.from_vocab(
-        _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.merges", []),
-        _field(reader, "tokenizer.ggml.token_type"), _field(reader, "tokenizer.ggml.pre", "default"),
-        **special)
-
-
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, c: ModelConfig) -> str:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     base, _, suffix = gguf_name.rpartition(".")
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match and match.group(2) in BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.{suffix}"
+    names = block_names(c)
+    if match and match.group(2) in names:
+        return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{suffix}"
     if base in TOP_NAMES:
         return f"{TOP_NAMES[base]}.{suffix}"
-    raise SlmError(f"GGUF tensor '{gguf_name}' has no place in a llama model")
+    raise SlmError(f"GGUF tensor '{gguf_name}' has no place in a {c.model_type} model")
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -179,8 +205,11 @@ def dequantize(tensor) -> np.ndarray:
 
 
 def read_tensors(reader, config: ModelConfig, dtype: torch.dtype):
-    """Yield (hf_name, tensor) one at a time, un-permuting q/k and splitting expert stacks."""
+    """Yield (hf_name, tensor) one at a time, undoing the arch's converter (see the module docstring)."""
+    spec = gguf_family(field(reader, "general.architecture"), bool(config.num_local_experts)).gguf
     for t in reader.tensors:
+        if t.name in NOT_WEIGHTS:
+            continue
         weight = torch.from_numpy(dequantize(t))
         base = t.name.rsplit(".", 1)[0]
         kind = base.split(".")[-1]
@@ -190,11 +219,35 @@ def read_tensors(reader, config: ModelConfig, dtype: torch.dtype):
                 yield (f"model.layers.{layer}.block_sparse_moe.experts.{e}.{EXPERT_NAMES[kind]}.weight",
                        weight[e].to(dtype).clone())
             continue
-        name = hf_name(t.name)
-        if kind in ("attn_q", "attn_k") and name.endswith("weight"):
-            heads = config.heads(0) if kind == "attn_q" else config.kv_heads(0)
-            weight = unpermute_qk(weight, heads)
-        yield name, weight.to(dtype)
+        for name, part in _unfused(t.name, weight, config, spec):
+            yield name, _from_file(name, part, config, spec).to(dtype)
+
+
+def _unfused(name: str, weight: torch.Tensor, c: ModelConfig, spec: GgufSpec):
+    """attn_qkv -> q, k, v; Phi-3's ffn_up -> gate, up (llama.cpp keeps both fused)."""
+    d = c.resolved_head_dim
+    if ".attn_qkv." in name:
+        sizes = [c.heads(0) * d, c.kv_heads(0) * d, c.kv_heads(0) * d]
+        for kind, part in zip(("attn_q", "attn_k", "attn_v"), weight.split(sizes)):
+            yield hf_name(name.replace("attn_qkv", kind), c), part
+    elif ".ffn_up." in name and spec.fused_ffn:
+        gate, up = weight.split(c.ffn_size(0))
+        yield hf_name(name.replace("ffn_up", "ffn_gate"), c), gate
+        yield hf_name(name, c), up
+    else:
+        yield hf_name(name, c), weight
+
+
+def _from_file(name: str, w: torch.Tensor, c: ModelConfig, spec: GgufSpec) -> torch.Tensor:
+    if spec.permute_qk and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
+        w = unpermute_qk(w, c.heads(0) if ".q_proj." in name else c.kv_heads(0))
+    if spec.norm_offset and _is_norm(name):
+        w = w - 1.0
+    return w
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith(("norm.weight",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,40 +255,75 @@ def read_tensors(reader, config: ModelConfig, dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, c: ModelConfig) -> str:
     """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`."""
     base, _, suffix = hf.rpartition(".")
     for g, h in TOP_NAMES.items():
         if base == h:
             return f"{g}.{suffix}"
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
-    inverse = {h: g for g, h in BLOCK_NAMES.items()}
+    inverse = {h: g for g, h in block_names(c).items()}
     if match and match.group(2) in inverse:
         return f"blk.{match.group(1)}.{inverse[match.group(2)]}.{suffix}"
     if match and match.group(2) in EXPERT_NAMES:  # an expert stack made by _expert_stack
         return f"blk.{match.group(1)}.{match.group(2)}.{suffix}"
-    raise SlmError(f"tensor '{hf}' has no GGUF llama name")
+    raise SlmError(f"tensor '{hf}' has no GGUF name")
+
+
+def gguf_spec(config: ModelConfig) -> GgufSpec:
+    """The llama.cpp architecture `config` is written as, after `check_exportable`."""
+    return export_family(config).gguf
 
 
 def check_exportable(config: ModelConfig) -> None:
+    """Refuse, with the reason, a model llama.cpp cannot run as it is."""
     if config.lowrank:
-        raise SlmError("this model is factorized (low-rank down/up pairs), which llama.cpp's llama graph cannot run; "
+        raise SlmError("this model is factorized (low-rank down/up pairs), which llama.cpp's graphs cannot run; "
                        "export it with `slm export gguf MODEL OUT.gguf --densify` (multiplies the factors back "
                        "into full matrices: same outputs, the original size)")
     if not config.is_uniform:
-        raise SlmError("GGUF llama needs the same shape in every layer and no shared blocks; "
+        raise SlmError("GGUF needs the same shape in every layer and no shared blocks; "
                        "this model uses layer-wise widths or block sharing")
-    if config.attention_bias or config.mlp_bias:
-        raise SlmError("GGUF llama export does not carry attention/MLP biases")
-    if config.sliding_window:
-        raise SlmError("llama.cpp's llama graph has no sliding window; export would change the model")
-    if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) != "linear":
-        raise SlmError("only linear rope scaling can be written to GGUF llama metadata")
+    family = export_family(config)
+    if family is None or family.gguf is None:
+        raise SlmError(f"no llama.cpp architecture runs this {config.model_type} model as it is "
+                       f"({_first_mismatch(config)}); run it with the torch engine")
+    reason = _refusal(config, family.gguf)
+    if reason:
+        raise SlmError(f"cannot write this model as GGUF {family.gguf.arch}: {reason}")
+
+
+def _first_mismatch(config: ModelConfig) -> str:
+    return family_of(config).mismatch(config) or "its layout"
+
+
+def _refusal(c: ModelConfig, spec: GgufSpec) -> str | None:
+    kind = rope_type(c.rope_scaling)
+    if kind == "longrope" and spec.arch != "phi3" or kind == "llama3" and spec.arch not in ("llama", "granite"):
+        return f"llama.cpp's {spec.arch} graph has no {kind} RoPE scaling"
+    if spec.output == "never" and not c.tie_word_embeddings:
+        return "its output head is not the embedding, and llama.cpp's graph always ties them"
+    if spec.full_width_q and c.heads(0) * c.resolved_head_dim != c.hidden_size:
+        return "llama.cpp's graph needs heads x head_dim equal to the hidden size"
+    if c.partial_rotary_factor != 1.0 and spec.arch not in ("phi2", "phi3"):
+        return "llama.cpp's graph rotates whole heads (partial_rotary_factor is not 1)"
+    if TANH_GELU.get(c.hidden_act, c.hidden_act) != TANH_GELU.get(spec.act, spec.act):
+        return f"its MLP uses {c.hidden_act}, and llama.cpp's graph {spec.act}"
+    return spec.refuse(c) if spec.refuse else None
+
+
+def exported_context(c: ModelConfig, spec: GgufSpec) -> int:
+    """The context length written: the sliding window where the arch's graph has none (there the
+    window never masks anything, so llama.cpp runs exactly this model)."""
+    sliding = any(c.is_sliding(i) for i in range(c.num_hidden_layers))
+    if spec.no_window and sliding:
+        return min(c.max_position_embeddings, c.sliding_window)
+    return c.max_position_embeddings
 
 
 def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "f16",
                encode: Encoder | None = None, file_type_id: int | None = None) -> Path:
-    """Write `model` (+ tokenizer) as a llama GGUF, atomically.
+    """Write `model` (+ tokenizer) as GGUF of its family's llama.cpp architecture, atomically.
 
     file_type: f32, f16, q8_0, q4_0, q4_1 or q4_k_m (see `gguf_quants`); 1-D tensors stay F32.
     `encode` overrides the per-tensor choice, (gguf_name, fp32 array) -> (array, GGMLQuantizationType),
@@ -250,16 +338,17 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
         raise SlmError(f"GGUF type '{file_type}' is not supported (choose from {', '.join(gq.FTYPES)})")
     config: ModelConfig = model.config
     check_exportable(config)
-    tensors = [(gguf_name(name), tensor) for name, tensor in _export_tensors(model)]
+    spec = gguf_spec(config)
+    tensors = list(export_tensors(model, spec))
     if encode is None:
         gq.check_shapes([(name, tuple(t.shape)) for name, t in tensors], file_type)
         encode = plain_encoder(file_type) if file_type in ("f32", "f16") else quantized_encoder(
             file_type, config.num_hidden_layers, any(name == "output.weight" for name, _ in tensors))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    _write_metadata(writer, config, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
-    _write_tokenizer(writer, tokenizer, config.vocab_size)
+    writer = gguf.GGUFWriter(str(tmp), spec.arch)
+    _write_metadata(writer, config, spec, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
+    write_tokenizer(writer, tokenizer, config.vocab_size)
     for name, tensor in tensors:
         data, kind = encode(name, tensor.detach().float().cpu().numpy())
         writer.add_tensor(name, data, raw_dtype=kind)
@@ -294,22 +383,43 @@ def plain_encoder(file_type: str) -> Encoder:
     return encode
 
 
-def _export_tensors(model):
-    """(hf_name, tensor) in GGUF layout: q/k permuted, experts stacked into (E, out, in)."""
+def export_tensors(model, spec: GgufSpec):
+    """(gguf_name, tensor) in the arch's layout (see the module docstring); experts stacked into (E, out, in)."""
     config = model.config
     state = float_state(model)
+    if config.tie_word_embeddings:
+        del state["lm_head.weight"]
+        if spec.output == "required":  # the graph wants its own head tensor: a copy of the embedding
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if spec.fused_ffn:
+        _fuse_gate_up(state)
     for name, tensor in state.items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
         match = re.fullmatch(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight", name)
         if match:
             if match.group(2) == "0":  # emit the whole stack once, at the first expert
-                yield from _expert_stack(state, match.group(1), match.group(3), config.num_local_experts)
+                for stack_name, stack in _expert_stack(state, match.group(1), match.group(3), config.num_local_experts):
+                    yield gguf_name(stack_name, config), stack
             continue
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.heads(0) if "q_proj" in name else config.kv_heads(0)
-            tensor = permute_qk(tensor, heads)
-        yield name, tensor
+        yield gguf_name(name, config), to_file(name, tensor, config, spec)
+
+
+def to_file(name: str, w: torch.Tensor, c: ModelConfig, spec: GgufSpec) -> torch.Tensor:
+    """One of our tensors as the arch's converter would write it."""
+    if spec.norm_offset and _is_norm(name):
+        w = w + 1.0
+    fold = spec.q_scale(c) if spec.q_scale else 1.0
+    if fold != 1.0 and (name.endswith("q_norm.weight") if c.qk_norm else ".q_proj." in name):
+        w = w * fold  # llama.cpp's fixed attention scale times this is ours (RoPE and the q norm are linear in it)
+    if spec.permute_qk and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
+        w = permute_qk(w, c.heads(0) if ".q_proj." in name else c.kv_heads(0))
+    return w
+
+
+def _fuse_gate_up(state: dict[str, torch.Tensor]) -> None:
+    """Phi-3 in llama.cpp: one ffn_up of [gate; up] rows (its swiglu takes the first half as the gate)."""
+    for gate in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
+        up = gate.replace("gate_proj", "up_proj")
+        state[up] = torch.cat([state.pop(gate), state[up]])
 
 
 def float_state(model) -> dict[str, torch.Tensor]:
@@ -332,59 +442,41 @@ def _expert_stack(state, prefix: str, w: str, n_experts: int):
     yield f"{prefix}.{kind}.weight", stack
 
 
-def _write_metadata(writer, c: ModelConfig, file_type: int) -> None:
+def _write_metadata(writer, c: ModelConfig, spec: GgufSpec, file_type: int) -> None:
     writer.add_name(c.name or "slmkit-model")
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)
-    writer.add_context_length(c.max_position_embeddings)
+    writer.add_context_length(exported_context(c, spec))
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_feed_forward_length(c.ffn_size(0))
     writer.add_head_count(c.heads(0))
     writer.add_head_count_kv(c.kv_heads(0))
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_dimension_count(c.resolved_head_dim)
+    writer.add_float32(f"{spec.arch}.{spec.eps_key}", c.rms_norm_eps)
+    writer.add_rope_dimension_count(int(c.resolved_head_dim * c.partial_rotary_factor))
     writer.add_rope_freq_base(c.rope_theta)
+    writer.add_key_length(c.resolved_head_dim)
+    writer.add_value_length(c.resolved_head_dim)
     writer.add_vocab_size(c.vocab_size)
     if c.num_local_experts:
         writer.add_expert_count(c.num_local_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
-    if c.head_dim and c.head_dim != c.hidden_size // c.heads(0):
-        writer.add_key_length(c.head_dim)
-        writer.add_value_length(c.head_dim)
-    if c.rope_scaling:
-        import gguf
+    _write_rope_scaling(writer, c)
+    if spec.write:
+        spec.write(writer, c)
 
+
+def _write_rope_scaling(writer, c: ModelConfig) -> None:
+    """linear and YaRN are metadata; Llama 3's and LongRoPE's are tensors (the arch's write hook)."""
+    import gguf
+
+    kind, s = rope_type(c.rope_scaling), c.rope_scaling
+    if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
-
-
-def _write_tokenizer(writer, tok: Tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE as llama.cpp reads it; the token list is padded to the embedding rows."""
-    if tok.pre is None:
-        raise SlmError("the tokenizer's pre-tokenizer is not one llama.cpp knows; cannot write GGUF")
-    import json
-
-    data = json.loads(tok.backend.to_str())
-    tokens = [""] * vocab_size
-    types = [5] * vocab_size  # 5 = unused
-    if tok.vocab_size > vocab_size:
-        raise SlmError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} embeddings")
-    for token, i in data["model"]["vocab"].items():
-        tokens[i], types[i] = token, 1
-    for added in data.get("added_tokens", []):
-        tokens[added["id"]], types[added["id"]] = added["content"], 3 if added["special"] else 4
-    tokens = [t or f"[PAD{i}]" for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tok.pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("pad", tok.pad_token_id)):
-        if value is not None:
-            getattr(writer, f"add_{key}_token_id")(value)
-    writer.add_add_bos_token(tok.add_bos)
-    writer.add_add_eos_token(tok.add_eos)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+        writer.add_rope_scaling_factor(float(s["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(yarn_factor(s, c.max_position_embeddings)))
+        writer.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+        writer.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast") or 32))
+        writer.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow") or 1))

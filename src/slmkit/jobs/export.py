@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from slmkit.adapters.merge import merge_adapters
-from slmkit.adapters.peft_format import is_adapter_dir
+from slmkit.interop.peft import is_adapter_dir
 from slmkit.compress.lowrank import densify
 from slmkit.errors import SlmError
 from slmkit.interop.gguf import write_gguf

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from slmkit.adapters.peft_format import is_adapter_dir, read_adapter
+from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.data.tasks import TASKS, task_data
 from slmkit.errors import SlmError
 from slmkit.generate import TextGenerator

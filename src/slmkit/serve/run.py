@@ -20,7 +20,7 @@ class ModelPool:
     def get(self, spec: str):
         """(model, tokenizer) of MODEL; an adapter directory gets its own module tree over the shared base."""
         from slmkit.adapters.merge import with_adapter_copy
-        from slmkit.adapters.peft_format import attach_adapter, is_adapter_dir, read_adapter
+        from slmkit.interop.peft import attach_adapter, is_adapter_dir, read_adapter
         from slmkit.load import find_base
         from slmkit.tokenizer import Tokenizer
 

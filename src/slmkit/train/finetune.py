@@ -27,7 +27,7 @@ from slmkit.adapters.lora import (
     lora_layers,
     resolve_targets,
 )
-from slmkit.adapters.peft_format import restore_adapter, save_adapter
+from slmkit.interop.peft import restore_adapter, save_adapter
 from slmkit.compress.quant.quantize import (
     CALIBRATED,
     QuantConfig,

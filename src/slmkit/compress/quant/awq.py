@@ -89,13 +89,19 @@ def _group_normalized_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_scales(feeder: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
-    """Fold 1/s into `feeder` (an RMSNorm's weight, or a linear's output rows) and s into the inputs."""
+    """Fold 1/s into `feeder` (a norm, or a linear's output rows) and s into the inputs.
+
+    A norm's output is (offset + weight) * normalised x (+ bias for a LayerNorm); Gemma's offset
+    of 1 means its stored weight becomes (1 + w) / s - 1."""
     if isinstance(feeder, nn.Linear):
         feeder.weight.div_(s[:, None])
         if feeder.bias is not None:
             feeder.bias.div_(s)
     else:
-        feeder.weight.div_(s)
+        offset = getattr(feeder, "offset", 0.0)
+        feeder.weight.copy_((feeder.weight + offset) / s - offset)
+        if getattr(feeder, "bias", None) is not None:
+            feeder.bias.div_(s)
     for linear in linears:
         linear.weight.mul_(s[None, :])
 

@@ -19,7 +19,6 @@ from torch import nn
 from tqdm import tqdm
 
 from slmkit.compress.calibrate import (
-    SHARED_INPUTS,
     BlockInputs,
     LinearStats,
     check_calibration,
@@ -205,14 +204,14 @@ def _load_codes(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
     return _int4_module(linear, q)
 
 
-def _present_groups(names: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
-    """(whole SHARED_INPUTS group, its members being quantized) for each group with any member in `names`."""
-    groups = [(group, [n for n in group if n in names]) for group in SHARED_INPUTS]
+def _present_groups(block: nn.Module, names: list[str]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(whole input group of the block, its members being quantized) for each group with any member in `names`."""
+    groups = [(group, [n for n in group if n in names]) for group in block.input_groups()]
     return [(group, present) for group, present in groups if present]
 
 
 def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
-    groups = _present_groups(names)
+    groups = _present_groups(block, names)
     # one tap per shared input, on the group's first linear (skipped or not, it reads the same input)
     taps = {group: LinearStats(block.get_submodule(group[0])) for group, _ in groups}
     inputs.run(block, advance=False)
@@ -227,17 +226,13 @@ def _gptq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) ->
 
 def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> dict[str, nn.Module]:
     errors = _awq_output_errors(block, inputs)
-    captured = _capture_inputs(block, inputs, [g[0] for g in SHARED_INPUTS])
-    attn = block.self_attn
-    feeders = {"self_attn.q_proj": block.input_layernorm, "mlp.gate_proj": block.post_attention_layernorm,
-               "mlp.down_proj": block.mlp.up_proj}
-    if attn.n_heads == attn.n_kv_heads:  # v's output rows line up one-to-one with o's input columns
-        feeders["self_attn.o_proj"] = attn.v_proj
+    captured = _capture_inputs(block, inputs, [g[0] for g in block.input_groups()])
+    feeders = awq_feeders(block)
     # 1) scale every group in float (the block's float output is unchanged: each 1/s is folded into
     #    its feeder), before anything is rounded: down's feeder up_proj must be scaled before it is
     #    quantized; 2) clip and round each linear against the inputs it now reads (x / s).
     reads = {}
-    for group, present in _present_groups(names):
+    for group, present in _present_groups(block, names):
         x = captured[group[0]]
         if group[0] in feeders and len(present) == len(group):  # a scale must reach every reader of the input
             linears = [block.get_submodule(n) for n in group]
@@ -255,20 +250,42 @@ def _awq_block(block: nn.Module, inputs, cfg: QuantConfig, names: list[str]) -> 
     return made
 
 
+def awq_feeders(block: nn.Module) -> dict[str, nn.Module]:
+    """For each input group (by its first linear): the module whose output rows are the group's input
+    columns, where AWQ folds 1/s -- none before OLMo-2's post-norm attention, none before Phi-2's
+    down_proj (behind a GELU), v_proj before o_proj only when heads are not grouped."""
+    groups, attn, mlp = block.input_groups(), block.self_attn, block.feed_forward
+    feeders = {groups[0][0]: block.norm(0), groups[-1][0]: mlp.up_proj if mlp.gated else None}
+    if block.layout != "parallel":
+        feeders[groups[2][0]] = block.norm(2)
+    if attn.n_heads == attn.n_kv_heads:  # v's output rows line up one-to-one with o's input columns
+        feeders["self_attn.o_proj"] = attn.v_proj
+    return {name: feeder for name, feeder in feeders.items() if feeder is not None}
+
+
 AWQ_INSPECT_SAMPLES = 8  # calibration windows on which a q/k/v or gate/up scale is scored
 
 
 def _awq_output_errors(block: nn.Module, inputs) -> dict[str, object]:
-    """For the q/k/v and gate/up groups: a maker of the error function that scores candidate weights
-    on the attention output and on the MLP output (the paper's `module2inspect`), from the float
-    block's inputs to them on the first few calibration windows."""
+    """For the groups that read a norm's output: a maker of the error function that scores candidate
+    weights on the attention output and on the MLP output (the paper's `module2inspect`; both
+    branches at once in Phi-2's parallel block), from the float block's inputs to them on the
+    first few calibration windows."""
     x = inputs.x[:AWQ_INSPECT_SAMPLES]  # (n, T, C)
-    attn, mlp = block.self_attn, block.mlp
-    attn_in = block.input_layernorm(x)
-    mlp_in = block.post_attention_layernorm(x + attn(attn_in, inputs.cos, inputs.sin, inputs.mask, inputs.is_causal))
-    return {"self_attn.q_proj": lambda linears: module_output_error(
-                linears, lambda: attn(attn_in, inputs.cos, inputs.sin, inputs.mask, inputs.is_causal)),
-            "mlp.gate_proj": lambda linears: module_output_error(linears, lambda: mlp(mlp_in))}
+    attn, mlp = block.self_attn, block.feed_forward
+    mlp_in = []
+    hook = mlp.register_forward_pre_hook(lambda _m, args: mlp_in.append(args[0]))
+    try:
+        block(x, inputs.layer_inputs)
+    finally:
+        hook.remove()
+    attn_in, extra = block.normed(0, x), block.attention_inputs(inputs.layer_inputs)
+    groups = block.input_groups()
+    if block.layout == "parallel":
+        return {groups[0][0]: lambda linears: module_output_error(
+            linears, lambda: attn(attn_in, *extra) + mlp(attn_in))}
+    return {groups[0][0]: lambda linears: module_output_error(linears, lambda: attn(attn_in, *extra)),
+            groups[2][0]: lambda linears: module_output_error(linears, lambda: mlp(mlp_in[0]))}
 
 
 def _capture_inputs(block: nn.Module, inputs, names: list[str]) -> dict[str, torch.Tensor]:

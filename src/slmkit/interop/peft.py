@@ -1,5 +1,11 @@
 """Adapter directories in PEFT's format, so transformers + peft load ours and we load theirs.
 
+Module names are those of the base's family in transformers (Phi-2's `dense`/`fc1`/`fc2`), and
+for families whose files fuse linears (Phi-3's `qkv_proj`, `gate_up_proj`) the adapters of the
+parts are written as one adapter of the fused linear: A stacked, B block-diagonal, rank the sum.
+PEFT's own adapters of a fused linear come back as one adapter per part sharing A (B split by
+rows); ours come back exactly as they were saved (`slmkit_adapter.json` records the parts).
+
     adapter_config.json         PEFT's LoraConfig: peft_type LORA, r, lora_alpha, target_modules,
                                 base_model_name_or_path, use_rslora, use_dora, lora_dropout, ...
     adapter_model.safetensors   PEFT's keys: base_model.model.<linear>.lora_A.weight (r, in),
@@ -15,6 +21,7 @@ config last, so an interrupted save never leaves a directory that looks complete
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, adapter_tensors, lora_layers
+from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, lora_layers, scaling
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write, write_json
+from slmkit.interop.families import Family, export_family
+from slmkit.interop.hf import rename
 from slmkit.layers import swap_linears
 
 CONFIG = "adapter_config.json"
@@ -57,25 +66,101 @@ def save_adapter(model: nn.Module, path: str | Path, base: str, tokenizer=None) 
     path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(path)
-    tensors = {PREFIX + k: v.detach().float().contiguous() for k, v in adapter_tensors(model).items()}
+    adapters, fused = family_adapters(model, layers)
+    tensors = {}
+    for name, a in adapters.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.A.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = a.B.contiguous()
+        if a.m is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = a.m.contiguous()
     atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_json(path / OURS, _our_facts(model, base))
-    write_json(path / CONFIG, peft_config(layers, base))
+    write_json(path / OURS, _our_facts(model, base, fused))
+    write_json(path / CONFIG, peft_config(adapters, layers[0][1], base))
     return path
 
 
-def peft_config(layers: list[tuple[str, LoRALinear]], base: str) -> dict:
+@dataclass
+class Adapter:
+    """One adapter as a file holds it: A (r, in), B (out, r), DoRA's magnitude (out,) or None."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    m: torch.Tensor | None
+    alpha: float
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+
+def family_adapters(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> tuple[dict[str, Adapter], dict]:
+    """The adapters under the family's module names, fused linears' parts joined; and the parts of
+    each joined one ({fused name: [[our name, r, alpha], ...]}) so that loading can split them exactly."""
+    family = export_family(model.config)
+    ours = {name: Adapter(layer.lora_A.weight.detach().float(), layer.lora_B.weight.detach().float(),
+                          None if not layer.dora else layer.lora_magnitude_vector.detach().float(), layer.alpha)
+            for name, layer in layers}
+    if family is None:
+        return ours, {}
+    out, fused = {}, {}
+    for name, adapter in ours.items():
+        group = _fused_group(family, name)
+        if group is None:
+            out[rename(name, family.renames)] = adapter
+        elif group[0] not in out:
+            fused_name, parts = group
+            out[fused_name], fused[fused_name] = _join(model, parts, ours, dict(layers))
+    return out, fused
+
+
+def _fused_group(family: Family, name: str) -> tuple[str, list[str]] | None:
+    """(the fused linear's name, its parts' names) when `name` is part of one in the family's files."""
+    for fused, parts in family.fused.items():
+        for part in parts:
+            if name.endswith("." + part):
+                prefix = name[: -len(part)]
+                return prefix + fused, [prefix + p for p in parts]
+    return None
+
+
+def _join(model: nn.Module, parts: list[str], ours: dict[str, Adapter], layers: dict[str, LoRALinear]):
+    """One adapter of the fused linear: A stacked, B block-diagonal, each part's scaling kept by
+    choosing the fused alpha so its scaling equals the first part's (B is rescaled only when the
+    parts' scalings differ)."""
+    present = [p for p in parts if p in ours]
+    first = layers[present[0]]
+    r = sum(ours[p].r for p in present)
+    alpha = first.scaling * (math.sqrt(r) if first.rslora else r)
+    rows = [model.get_submodule(p).out_features for p in parts]
+    a = torch.cat([ours[p].A for p in present])
+    b = torch.zeros(sum(rows), r)
+    m = [] if any(ours[p].m is not None for p in present) else None
+    row = col = 0
+    for part, height in zip(parts, rows):
+        if part in ours:
+            adapter = ours[part]
+            b[row:row + height, col:col + adapter.r] = adapter.B * (layers[part].scaling / first.scaling)
+            col += adapter.r
+        if m is not None:
+            m.append(ours[part].m if part in ours and ours[part].m is not None else
+                     torch.linalg.norm(model.get_submodule(part).weight.detach().float(), dim=1))
+        row += height
+    joined = Adapter(a, b, None if m is None else torch.cat(m), alpha)
+    return joined, [[p, ours[p].r, ours[p].alpha] for p in present]
+
+
+def peft_config(adapters: dict[str, Adapter], first: LoRALinear, base: str) -> dict:
     """PEFT's adapter_config.json; per-layer ranks or alphas that differ go into its patterns."""
-    first = layers[0][1]
-    leaves = sorted({name.rpartition(".")[2] for name, _ in layers})
+    r, alpha = next(iter(adapters.values())).r, next(iter(adapters.values())).alpha
+    leaves = sorted({name.rpartition(".")[2] for name in adapters})
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": None,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": _dropout(first), "use_rslora": first.rslora,
+        "r": r, "lora_alpha": alpha, "lora_dropout": _dropout(first), "use_rslora": first.rslora,
         "use_dora": first.dora, "target_modules": leaves, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {name: m.r for name, m in layers if m.r != first.r},
-        "alpha_pattern": {name: m.alpha for name, m in layers if m.alpha != first.alpha},
+        "rank_pattern": {name: a.r for name, a in adapters.items() if a.r != r},
+        "alpha_pattern": {name: a.alpha for name, a in adapters.items() if a.alpha != alpha},
     }
 
 
@@ -83,10 +168,10 @@ def _dropout(layer: LoRALinear) -> float:
     return layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
-def _our_facts(model: nn.Module, base: str) -> dict:
+def _our_facts(model: nn.Module, base: str, fused: dict) -> dict:
     c = model.config
     return {"format": 1, "base": base, "base_config": {k: getattr(c, k) for k in BASE_FACTS},
-            "quantization": c.quantization}
+            "quantization": c.quantization, "fused": fused}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,14 +219,64 @@ def read_adapter(path: str | Path) -> AdapterFiles:
 def attach_adapter(model: nn.Module, adapter: AdapterFiles) -> list[str]:
     """Wrap the linears the adapter names in LoRA/DoRA layers holding its weights; returns their names.
     Every check (base facts, module names, shapes) runs before the model is changed."""
-    from safetensors.torch import load_file
-
     check_base(model, adapter)
-    groups = _group(load_file(str(adapter.path / WEIGHTS)), adapter.path)
-    made = {name: _layer(model, name, parts, adapter) for name, parts in groups.items()}
+    made = {name: _layer(model, name, parts, adapter) for name, parts in read_layers(model, adapter).items()}
     swap_linears(model, lambda name, _layer: made.get(name), LINEAR_KINDS)
     model.requires_grad_(False)
     return list(made)
+
+
+def read_layers(model: nn.Module, adapter: AdapterFiles) -> dict[str, dict]:
+    """{our linear name: {"A", "B", "m", "alpha"}} from the file: the family's names renamed back,
+    fused linears split into their parts."""
+    from safetensors.torch import load_file
+
+    family = export_family(model.config)
+    c = adapter.config
+    out = {}
+    for name, parts in _group(load_file(str(adapter.path / WEIGHTS)), adapter.path).items():
+        parts["alpha"] = float(_pattern(c.get("alpha_pattern"), name, c.get("lora_alpha", 8)))
+        fused = _fused_parts(family, name)
+        if fused is None:
+            out[rename(name, {v: k for k, v in family.renames.items()}) if family else name] = parts
+        else:
+            out.update(_split(model, fused, parts, bool(c.get("use_rslora")),
+                              (adapter.facts.get("fused") or {}).get(name)))
+    return out
+
+
+def _fused_parts(family: Family | None, name: str) -> list[str] | None:
+    """Our names of the parts when `name` is a fused linear of the family's files."""
+    for fused, parts in (family.fused if family else {}).items():
+        if name.endswith("." + fused):
+            prefix = name[: -len(fused)]
+            return [prefix + p for p in parts]
+    return None
+
+
+def _split(model: nn.Module, parts: list[str], joined: dict, rslora: bool, recorded: list | None) -> dict:
+    """One adapter per part of a fused linear: B and DoRA's magnitude split by the parts' rows; A
+    split by the ranks slmkit recorded when it joined them, else shared (PEFT's own adapter)."""
+    rows = [model.get_submodule(p).out_features for p in parts]
+    b_rows = joined["B"].split(rows)
+    m_rows = joined["m"].split(rows) if "m" in joined else [None] * len(parts)
+    if recorded is None:
+        return {p: _parts(joined["A"], b, m, joined["alpha"]) for p, b, m in zip(parts, b_rows, m_rows)}
+    s_joined = scaling(joined["alpha"], joined["A"].shape[0], rslora)
+    out, col = {}, 0
+    for name, r, alpha in recorded:
+        i = parts.index(name)
+        rescale = s_joined / scaling(alpha, r, rslora)  # 1 unless the parts were saved with different scalings
+        out[name] = _parts(joined["A"][col:col + r], b_rows[i][:, col:col + r] * rescale, m_rows[i], alpha)
+        col += r
+    return out
+
+
+def _parts(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None, alpha: float) -> dict:
+    parts = {"A": a.contiguous(), "B": b.contiguous(), "alpha": alpha}
+    if m is not None:
+        parts["m"] = m.contiguous()
+    return parts
 
 
 def check_base(model: nn.Module, adapter: AdapterFiles) -> None:
@@ -185,9 +320,7 @@ def _layer(model: nn.Module, name: str, parts: dict, adapter: AdapterFiles) -> L
     if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
         raise SlmError(f"the adapter of '{name}' has shapes A {tuple(a.shape)}, B {tuple(b.shape)} but the layer is "
                        f"{base.out_features}x{base.in_features}: the adapter belongs to another base ({adapter.base})")
-    c = adapter.config
-    layer = LoRALinear(base, r, float(_pattern(c.get("alpha_pattern"), name, c.get("lora_alpha", 8))), 0.0,
-                       bool(c.get("use_rslora")), dora="m" in parts)
+    layer = LoRALinear(base, r, parts["alpha"], 0.0, bool(adapter.config.get("use_rslora")), dora="m" in parts)
     with torch.no_grad():
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.copy_(b)
@@ -206,15 +339,17 @@ def _pattern(patterns: dict | None, name: str, default):
 
 def restore_adapter(model: nn.Module, path: Path) -> None:
     """Copy a saved adapter's weights back into the same model's adapters (resuming a run)."""
-    from safetensors.torch import load_file
-
-    saved = load_file(str(Path(path) / WEIGHTS))
-    own = adapter_tensors(model)
-    if set(saved) != {PREFIX + k for k in own}:
+    saved = read_layers(model, read_adapter(path))
+    own = dict(lora_layers(model))
+    if set(saved) != set(own):
         raise RuntimeError(f"the adapter in {path} does not match this run's adapters "
-                           f"({len(saved)} tensors saved, {len(own)} expected)")
+                           f"({len(saved)} layers saved, {len(own)} expected)")
     with torch.no_grad():
-        for key, tensor in own.items():
-            if tensor.shape != saved[PREFIX + key].shape:
-                raise RuntimeError(f"{key} has shape {tuple(saved[PREFIX + key].shape)}, expected {tuple(tensor.shape)}")
-            tensor.copy_(saved[PREFIX + key])
+        for name, layer in own.items():
+            tensors = [(layer.lora_A.weight, saved[name]["A"]), (layer.lora_B.weight, saved[name]["B"])]
+            if layer.dora:
+                tensors.append((layer.lora_magnitude_vector, saved[name]["m"]))
+            for tensor, value in tensors:
+                if tensor.shape != value.shape:
+                    raise RuntimeError(f"{name} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+                tensor.copy_(value)
