@@ -195,8 +195,12 @@ def test_gguf_export_runs_in_llama_cpp_like_slmkit_and_imports_back(family, tmp_
           f"{int(got['decisive'].sum())}/{got['n']} decisive, first near-tie at {got['first_tie']}")
     assert got["kl"].mean() < KL_LIMIT[file_type], got["kl"]
     assert got["decisive"].float().mean() >= 0.5  # the comparison is not vacuous
-    if file_type == "f32":  # the same tokens wherever rounding cannot decide
+    if file_type == "f32":  # the same tokens wherever rounding cannot decide; batched rows as alone
         assert got["same_choice"].all() and got["free"]
+        prompts, params = [prompt, prompt[: len(prompt) // 2]], SamplingParams(max_new_tokens=context - len(prompt))
+        alone = [engine.generate([p], params)[0].tokens for p in prompts]
+        together = llamacpp.LlamaCppEngine(gguf, again.model.config, max_seq_len=context, sequences=2)
+        assert [g.tokens for g in together.generate(prompts, params)] == alone
     else:  # 8-bit activations: a documented KL, and nearly always the same choice
         assert got["same_choice"].float().mean() >= 0.9
 
@@ -247,8 +251,11 @@ def test_a_lora_adapter_trained_here_loads_in_peft_over_transformers_with_the_sa
 
 
 @pytest.mark.parametrize("method", ["int4", "wanda"])
-def test_int4_and_wanda_run_on_every_family(family, method):
-    """Quantization and pruning see the same linears in every family (Phi-2's plain MLP has no gate)."""
+def test_int4_and_wanda_run_on_every_family(family, method, tmp_path):
+    """Quantization and pruning see the same linears in every family (Phi-2's plain MLP has no gate);
+    a quantized checkpoint of a renaming or fusing family comes back as it was saved."""
+    from slmkit.interop.hf import save_checkpoint
+
     from slmkit.compress.prune import PruneConfig, prune_model
     from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 
@@ -269,6 +276,9 @@ def test_int4_and_wanda_run_on_every_family(family, method):
     if method != "wanda":  # half of a random model's weights gone is no small change; 4-bit rounding is
         cosine = torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0)
         assert cosine > 0.8, cosine
+        save_checkpoint(model, None, tmp_path / "q")
+        with torch.no_grad():
+            torch.testing.assert_close(load(str(tmp_path / "q"), dtype=torch.float32).model(ids), after)
 
 
 def test_awq_scales_fold_into_every_familys_feeders_without_changing_the_float_model(family):
@@ -407,3 +417,60 @@ def test_every_family_preset_is_written_as_its_family():
     for name, preset in PRESETS.items():
         if preset.published_params and preset.config.is_uniform:  # OpenELM's per-layer widths are slmkit's own
             assert export_family(preset.config).model_type == preset.config.model_type, name
+
+
+@pytest.mark.parametrize("family,method", [("phi3", "dora"), ("phi", "dora"), ("gemma3_text", "qlora")],
+                         indirect=["family"])
+def test_slm_finetune_trains_dora_and_qlora_on_families_whose_files_differ(family, method, tmp_path):
+    """The recipe over the fused (Phi-3) and renamed (Phi-2) families with DoRA, whose adapters peft
+    applies over transformers' model (DoRA's magnitudes joined like the linears), and QLoRA over
+    Gemma 3 packed to int4."""
+    import yaml
+
+    from slmkit.adapters.lora import lora_layers
+    from slmkit.config import load_config
+    from slmkit.train.finetune import FinetuneConfig, run
+
+    kind, _hf, path = family
+    rows = [{"messages": [{"role": "user", "content": f"Is robot {i} even?"},
+                          {"role": "assistant", "content": "yes" if i % 2 == 0 else "no!"}]} for i in range(24)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"base": str(path), "method": method, "out": str(tmp_path / "run"), "epochs": 0,
+              "data": {"train": str(tmp_path / "data.jsonl")}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "quant": {"method": "int4", "group_size": 32, "lm_head": False},
+              "train": {"steps": 3, "micro_batch_size": 4, "seq_len": 32, "lr": 2e-2, "warmup_steps": 0,
+                        "eval_every": 3, "checkpoint_every": 3, "precision": "fp32"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run(load_config(FinetuneConfig, tmp_path / "recipe.yaml"))
+    tuned = load(str(tmp_path / "run"), dtype=torch.float32).model
+    assert lora_layers(tuned) and all(layer.dora == (method == "dora") for _, layer in lora_layers(tuned))
+    ids = _ids(PROMPT, 12)
+    with torch.no_grad():
+        ours = tuned(ids)
+    assert torch.isfinite(ours).all()
+    if method == "dora":
+        peft = pytest.importorskip("peft")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "run")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_kv_cache_decoding_and_left_padded_batches_equal_the_full_forward_pass(family):
+    """Sliding windows, local RoPE bases, NoPE layers and LongRoPE through the static cache, and rows
+    of different lengths decoded together as each alone."""
+    _kind, _hf, path = family
+    model = load(str(path), dtype=torch.float32).model
+    ids = _ids(30, 13)
+    with torch.no_grad():
+        full = model(ids)
+        cache, parts, at = model.new_cache(1, 64), [], 0
+        for n in (7, 1, 1, 14, 7):
+            parts.append(model(ids[:, at:at + n], cache=cache))
+            at += n
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-4)
+    _sharpen(model)
+    prompts = [_ids(n, n)[0].tolist() for n in (5, 17, 30)]
+    params = SamplingParams(max_new_tokens=12)
+    alone = [Engine(model).generate([p], params)[0].tokens for p in prompts]
+    assert [g.tokens for g in Engine(model).generate(prompts, params)] == alone

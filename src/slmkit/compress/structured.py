@@ -172,8 +172,9 @@ _HIDDEN_REASON = ("removing channels rescales RMSNorm weights by sqrt(C/C'), whi
 
 
 def hidden_prunable(c: ModelConfig) -> bool:
-    """Whether hidden channels can go: plain RMSNorms and an embedding scale that does not depend on C."""
-    return c.norm_type == "rms"  # Gemma's norms are rms_offset, so its sqrt(hidden) embedding scale is covered
+    """Whether hidden channels can go: only under plain RMSNorms (which also rules out Gemma's
+    embedding scale of sqrt(hidden), as Gemma's norms are 1 + w)."""
+    return c.norm_type == "rms"
 
 
 def _check_heads(c: ModelConfig, heads: int | None, kv: int | None) -> tuple[int, int]:

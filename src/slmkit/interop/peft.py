@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, lora_layers, scaling
+from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, base_weight, lora_layers, scaling
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write, write_json
 from slmkit.interop.families import Family, export_family
@@ -142,8 +142,8 @@ def _join(model: nn.Module, parts: list[str], ours: dict[str, Adapter], layers: 
             b[row:row + height, col:col + adapter.r] = adapter.B * (layers[part].scaling / first.scaling)
             col += adapter.r
         if m is not None:
-            m.append(ours[part].m if part in ours and ours[part].m is not None else
-                     torch.linalg.norm(model.get_submodule(part).weight.detach().float(), dim=1))
+            m.append(ours[part].m if part in ours and ours[part].m is not None else  # an unadapted part: g = 1
+                     torch.linalg.norm(base_weight(model.get_submodule(part)).detach().float(), dim=1))
         row += height
     joined = Adapter(a, b, None if m is None else torch.cat(m), alpha)
     return joined, [[p, ours[p].r, ours[p].alpha] for p in present]
