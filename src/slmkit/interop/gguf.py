@@ -144,7 +144,7 @@ def _common_values(g: GgufFields, family, experts: int) -> dict:
     bos, eos = field(g.reader, "tokenizer.ggml.bos_token_id"), field(g.reader, "tokenizer.ggml.eos_token_id")
     values = dict(
         vocab_size=int(embd.shape[1]), hidden_size=hidden,
-        intermediate_size=int(g.key("expert_feed_forward_length") or g.key("feed_forward_length")),
+        intermediate_size=_ffn_size(g),
         num_hidden_layers=int(g.key("block_count")), num_attention_heads=heads,
         num_key_value_heads=int(g.key("attention.head_count_kv", heads)),
         head_dim=None if head_dim == hidden // heads else head_dim, partial_rotary_factor=rotary / head_dim,
@@ -161,6 +161,15 @@ def _common_values(g: GgufFields, family, experts: int) -> dict:
     values["attention_out_bias"] = "attn_output" in biases
     values["mlp_bias"] = bool(biases & {"ffn_up", "ffn_down", "ffn_gate"})
     return values
+
+
+def _ffn_size(g: GgufFields) -> int:
+    """The MLP width, from ffn_down's shape where there is one: llama.cpp's phi2 converter writes
+    4 x hidden whatever the model has."""
+    down = g.tensors.get("blk.0.ffn_down.weight")
+    if down is not None:
+        return int(down.shape[0])  # ggml order: (n_ff, n_embd)
+    return int(g.key("expert_feed_forward_length") or g.key("feed_forward_length"))
 
 
 def _rope_scaling(g: GgufFields) -> dict | None:
