@@ -279,6 +279,7 @@ def test_serve_holds_one_base_for_several_adapters_and_answers_with_each(tmp_pat
     and each name answers with its own adapter (driven by the official openai client)."""
     from serving import served
 
+    from slmkit.runtime import Runtime
     from slmkit.serve.config import ServeConfig
     from slmkit.serve.run import build_backends
 
@@ -287,7 +288,7 @@ def test_serve_holds_one_base_for_several_adapters_and_answers_with_each(tmp_pat
     for name, seed in (("a", 1), ("b", 2)):
         save_adapter(_adapted(seed=seed), tmp_path / name, str(tmp_path / "base"), tiny_tokenizer)
     cfg = ServeConfig(models=[f"base={tmp_path / 'base'}", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"],
-                      dtype="float32", max_batch=4, max_queue=8, engine="torch")
+                      max_batch=4, max_queue=8, runtime=Runtime(dtype="float32", engine="torch"))
     backends = build_backends(cfg)
     models = {name: backends[name].scheduler.runner.model for name in ("base", "a", "b")}
     embed = models["base"].model.embed_tokens.weight

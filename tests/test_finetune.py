@@ -171,7 +171,7 @@ def test_data_parallel_matches_one_process(tmp_path, base_dir, chats):
     (["lora.targets=[qproj]"], "unknown lora target 'qproj'"),
     (["lora.r=100"], "larger than the width"),
     (["data.overlong=error", "train.seq_len=8"], r"robots.jsonl:1 has \d+ tokens, more than the 9"),
-    (["train.stpes=3"], "Did you mean: steps"),
+    (["train.stpes=3"], "Did you mean: train.steps"),
 ])
 def test_bad_settings_fail_in_one_line_before_any_work(tmp_path, base_dir, chats, overrides, message):
     done = _slm("finetune", "--config", str(_recipe(tmp_path, base_dir, chats, "bad")), *overrides)

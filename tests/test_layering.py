@@ -24,7 +24,7 @@ LAYERS: dict[str, list[str]] = {
     # What everything builds on: the model definition and the things it needs, and the data
     # readers/batchers that training uses. Imports nothing from the layers above.
     "foundation": [
-        "", "errors", "config", "fileio", "presets", "sizing", "tokenizer", "layers", "rope", "model",
+        "", "errors", "config", "fileio", "presets", "sizing", "tokenizer", "layers", "rope", "model", "runtime",
         "data", "data.calibration", "data.dedup", "data.filters", "data.loader", "data.readers",
         "data.shards", "data.sft", "data.sft_batches", "data.shared", "data.tasks",
     ],
@@ -41,12 +41,13 @@ LAYERS: dict[str, list[str]] = {
     "train_evals": ["train.*", "evals.*", "data.prepare", "data.synth"],
     # The HTTP server and the router.
     "serve": ["serve.*"],
-    # The commands as library calls: one typed config and one function per verb.
-    "jobs": ["jobs.*"],
+    # The commands as library calls: one typed config and one function per verb, and the terminal
+    # tables and chat loop they print through.
+    "jobs": ["jobs.*", "chat", "card"],
     # `slm pipeline`: stages are the jobs' own configs.
     "pipeline": ["pipeline.*"],
     # What a user runs: the CLI (its flags generated from the configs) and the programs it starts.
-    "apps": ["cli", "cli_args", "chat", "card"],
+    "apps": ["cli", "cli_args"],
 }
 OPTIONAL: set[str] = set()  # entries allowed to match nothing (a package being added)
 RANK = {layer: i for i, layer in enumerate(LAYERS)}

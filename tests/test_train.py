@@ -182,7 +182,7 @@ def test_resume_refuses_corrupt_checkpoints_and_changed_settings(tmp_path, story
 def test_bad_config_is_refused_before_any_work(tmp_path, story_data):
     recipe = _recipe(tmp_path, story_data, "run")
     unknown = _slm("pretrain", "--config", str(recipe), "train.stpes=3")
-    assert unknown.returncode == 2 and "Did you mean: steps" in unknown.stderr
+    assert unknown.returncode == 2 and "Did you mean: train.steps" in unknown.stderr
     wrong = _slm("pretrain", "--config", str(recipe), "train.lr=fast")
     assert wrong.returncode == 2 and "train.lr" in wrong.stderr
     small = _slm("pretrain", "--config", str(recipe), "train.micro_batch_size=100000")

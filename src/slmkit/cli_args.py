@@ -16,8 +16,9 @@ read one definition and cannot drift apart. The rules:
   the flag that flips its default), `choices`, `metavar`, `help` and `type` (an argparse type);
 - every verb also takes `--config FILE.yaml` and `KEY=VALUE` items (nested with dots), and the
   later source wins: defaults < the YAML file < key=value items < flags and positional arguments.
-  An item is a key=value setting when its KEY names a setting, wherever it stands on the line;
-  other items fill the positional arguments in order.
+  An item is a key=value setting when its KEY names a setting (by its YAML path, or by its flag's
+  name: `dtype=float32` is `--dtype float32`), wherever it stands on the line; other items fill
+  the positional arguments in order.
 
 It knows nothing of slmkit's verbs; the CLI decides which class a verb uses.
 """
@@ -26,38 +27,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
-from slmkit.config import apply_overrides, field_docs, from_dict, read_yaml
+from slmkit.config import (
+    MISSING,
+    Leaf,
+    apply_overrides,
+    field_docs,
+    from_dict,
+    optional_of,
+    read_yaml,
+    setting_paths,
+    unknown_setting,
+    walk,
+)
 from slmkit.errors import SlmError
 
 T = TypeVar("T")
 DEST = "cfg:"  # prefix of the generated destinations: no clash with the parser's own (verb, debug, ...)
 SPEC = DEST + "spec"  # where the parser leaves what config_from_args needs
-MISSING = dataclasses.MISSING
 KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """One setting: its path through the sections, type, default and docstring."""
-
-    path: tuple[str, ...]
-    hint: Any
-    default: Any
-    doc: str
-    meta: Mapping[str, Any]
-
-    @property
-    def key(self) -> str:
-        return ".".join(self.path)
 
 
 @dataclass
@@ -96,67 +90,22 @@ class Spec:
 # --------------------------------------------------------------------------------------------
 
 
-def config_leaves(cls: type, defaults: Any = None, prefix: tuple[str, ...] = ()) -> list[Leaf]:
-    """Every setting of `cls`, nested sections flattened, in field order.
-
-    defaults: an instance whose values are shown and used as the defaults (a verb may differ from
-    the class, e.g. chat answers at most 512 tokens where generate writes 128)."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    leaves = []
-    for f in dataclasses.fields(cls):
-        default = _default(f, defaults)
-        if dataclasses.is_dataclass(hints[f.name]):
-            leaves += config_leaves(hints[f.name], None if default is MISSING else default, prefix + (f.name,))
-        else:
-            leaves.append(Leaf(prefix + (f.name,), hints[f.name], default, docs.get(f.name, ""), f.metadata))
-    return leaves
-
-
-def _default(f: dataclasses.Field, defaults: Any) -> Any:
-    if defaults is not None:
-        return getattr(defaults, f.name)
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else MISSING
-
-
-def setting_paths(cls: type, prefix: str = "") -> list[str]:
-    """Every key a YAML file or a key=value item may set: the sections and their settings, dotted."""
-    hints = typing.get_type_hints(cls)
-    paths = []
-    for f in dataclasses.fields(cls):
-        paths.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            paths += setting_paths(hints[f.name], f"{prefix}{f.name}.")
-    return paths
-
-
 def _section_doc(cls: type, section: tuple[str, ...]) -> str:
     for name in section[:-1]:
         cls = typing.get_type_hints(cls)[name]
     return field_docs(cls).get(section[-1], "")
 
 
-def _optional_of(hint: Any) -> Any:
-    """T for `T | None`; the hint itself otherwise."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return hint
-
-
 def _item_type(hint: Any) -> Any:
     """The item type of a list or tuple hint, else None."""
-    hint = _optional_of(hint)
+    hint = optional_of(hint)
     if typing.get_origin(hint) in (list, tuple) or hint in (list, tuple):
         return (typing.get_args(hint) or (str,))[0]
     return None
 
 
 def _is_bool(hint: Any) -> bool:
-    return _optional_of(hint) is bool
+    return optional_of(hint) is bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,28 +114,34 @@ def _is_bool(hint: Any) -> bool:
 
 
 def config_flags(cls: type, positional: tuple[str, ...] = (), defaults: Any = None) -> list[Flag]:
-    """The flags of `cls`: one per setting name (shared names merged), positional ones marked."""
+    """The flags of `cls`: one per setting name, shared by the sections that use the name alike
+    (PruneJob's `--calib` sets sparse.calib and shape.calib); where one name means different things
+    (fine-tuning's `method` and `quant.method`), each gets its own flag named by its path
+    (`--method`, `--quant-method`). Positional ones are marked."""
     groups: dict[str, list[Leaf]] = {}
-    for leaf in config_leaves(cls, defaults):
+    for leaf in walk(cls, defaults):
         groups.setdefault(leaf.path[-1], []).append(leaf)
-    flags = [Flag(name, leaves, name in positional) for name, leaves in groups.items()]
-    for flag in flags:
-        _check_shared(flag)
+    flags = []
+    for name, leaves in groups.items():
+        if _shareable(leaves):
+            flags.append(Flag(name, leaves, name in positional))
+        else:
+            flags += [Flag("_".join(leaf.path), [leaf], leaf.path == (name,) and name in positional) for leaf in leaves]
     unknown = set(positional) - {f.name for f in flags if f.positional}
     if unknown:
         raise ValueError(f"{cls.__name__} has no setting {sorted(unknown)} to take as a positional argument")
     return flags
 
 
-def _check_shared(flag: Flag) -> None:
-    """Leaves behind one flag must read the same values; a programming error otherwise."""
-    first = flag.leaf
-    for other in flag.leaves[1:]:
-        same_type = _optional_of(other.hint) == _optional_of(first.hint)
+def _shareable(leaves: list[Leaf]) -> bool:
+    """Whether one flag can set all these leaves: the same type, bool default and metadata."""
+    first = leaves[0]
+    for other in leaves[1:]:
+        same_type = optional_of(other.hint) == optional_of(first.hint)
         same_bool = not _is_bool(first.hint) or (other.default is True) == (first.default is True)
         if not same_type or not same_bool or other.meta != first.meta:
-            raise TypeError(f"{first.key} and {other.key} would share the flag of '{flag.name}' but differ in "
-                            "type, default or metadata; give one of them its own metadata flag")
+            return False
+    return True
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
@@ -194,9 +149,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
     """Add a flag per setting of `cls` (positional arguments for the names in `positional`), plus
     `--config FILE.yaml` and trailing `key=value` items; returns the flags."""
     flags = config_flags(cls, positional, defaults)
+    parser.set_defaults(**{SPEC: Spec(cls, flags, defaults, parser)})
+    if not flags:  # a verb without settings
+        return flags
+    takes_rest = False  # a list as the last positional argument takes the key=value items too
     for name in positional:
         flag = next(f for f in flags if f.name == name)
-        parser.add_argument(flag.dest, nargs="*" if _item_type(flag.leaf.hint) else "?", default=None,
+        takes_rest = _item_type(flag.leaf.hint) is not None
+        parser.add_argument(flag.dest, nargs="*" if takes_rest else "?", default=None,
                             metavar=flag.leaf.meta.get("metavar", name.upper()), help=_help(flag))
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of these settings, nested as the "
                         "key=value names below; key=value items and flags override it")
@@ -211,10 +171,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
             groups[section] = parser.add_argument_group(
                 key, _escape(f"{doc + chr(10) if doc else ''}(YAML section `{key}:`; key=value {key}.NAME=VALUE)"))
         (groups[section] if section else parser).add_argument(*_option_strings(flag), **_flag_kwargs(flag))
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help=_escape(f"settings by their YAML path, e.g. {_example(flags)}; they override "
-                                     "--config, and flags override them"))
-    parser.set_defaults(**{SPEC: Spec(cls, flags, defaults, parser)})
+    items = (f"settings by their YAML path, e.g. {_example(flags)}: they override --config, and flags override "
+             "them" + ("; they may stand among the positional items above" if takes_rest else ""))
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=_escape(items))
     return flags
 
 
@@ -246,7 +205,7 @@ def _flag_kwargs(flag: Flag) -> dict[str, Any]:
         kwargs["action"] = "extend" if split else "append"
         kwargs["type"] = _split_type(item, meta.get("choices")) if split else _value_type(item)
     else:
-        kwargs["type"] = meta.get("type") or _value_type(_optional_of(leaf.hint))
+        kwargs["type"] = meta.get("type") or _value_type(optional_of(leaf.hint))
         if "choices" in meta:
             kwargs["choices"] = tuple(meta["choices"])
     if "choices" not in kwargs:
@@ -335,7 +294,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace, extra: list[str] = 
     spec: Spec | None = getattr(args, SPEC, None)
     if spec is None or spec.cls is not cls:
         raise TypeError(f"these arguments were not made by add_config_arguments(parser, {cls.__name__})")
-    data = _plain(dataclasses.asdict(spec.defaults)) if spec.defaults is not None else {}
+    data = _plain(dataclasses.asdict(_defaults(spec)))  # a section keeps its verb's defaults (chat's 512 tokens)
     if getattr(args, "config", None):
         data = _merge(data, read_yaml(args.config))
     overrides, values = split_items(spec, _items(spec, args) + list(extra))
@@ -345,8 +304,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace, extra: list[str] = 
         if value is not MISSING:
             for leaf in flag.leaves:
                 _put(data, leaf.path, value)
-    check_keys(cls, data, spec.prog)
-    return from_dict(cls, data)
+    return from_dict(cls, data, prog=spec.prog)
+
+
+def _defaults(spec: Spec) -> Any:
+    """The instance whose values are the defaults: the one given, else the class's own."""
+    return spec.defaults if spec.defaults is not None else spec.cls()
 
 
 def _items(spec: Spec, args: argparse.Namespace) -> list[str]:
@@ -360,12 +323,23 @@ def _items(spec: Spec, args: argparse.Namespace) -> list[str]:
 
 def split_items(spec: Spec, items: list[str]) -> tuple[list[str], dict[str, Any]]:
     """(key=value overrides, {positional name: value}): an item is an override when its key names
-    a setting; the others fill the positional arguments in order, a list one taking the rest."""
-    known = set(setting_paths(spec.cls))
+    a setting by its YAML path (`runtime.dtype=float32`) or by its flag's name (`dtype=float32`, as
+    `--dtype float32`); the others fill the positional arguments in order, a list one taking the rest."""
+    leaves = {leaf.key for leaf in walk(spec.cls)}
+    sections = set(setting_paths(spec.cls)) - leaves
+    by_flag = {f.name: f.leaves for f in spec.flags if not f.positional}
     overrides, rest = [], []
     for item in items:
-        key, sep, _ = item.partition("=")
-        (overrides if sep and key in known else rest).append(item)
+        key, sep, value = item.partition("=")
+        flag = key.replace("-", "_")
+        if sep and key in leaves:
+            overrides.append(item)
+        elif sep and flag in by_flag:  # fine-tuning's train=FILE is data.train, not the train section
+            overrides += [f"{leaf.key}={value}" for leaf in by_flag[flag]]
+        elif sep and key in sections:
+            overrides.append(item)
+        else:
+            rest.append(item)
     values: dict[str, Any] = {}
     for flag in (f for f in spec.flags if f.positional):
         if not rest:
@@ -380,38 +354,6 @@ def split_items(spec: Spec, items: list[str]) -> tuple[list[str], dict[str, Any]
             raise unknown_setting(key, spec.cls, spec.prog)
         raise SlmError(f"unexpected argument '{rest[0]}' (see `{spec.prog} --help`)")
     return overrides, values
-
-
-def check_keys(cls: type, data: dict[str, Any], prog: str = "slm") -> None:
-    """Refuse a key that names no setting, suggesting the closest ones (any section)."""
-    for key in _unknown_keys(cls, data):
-        raise unknown_setting(key, cls, prog)
-
-
-def _unknown_keys(cls: type, data: dict[str, Any], prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in names:
-            yield prefix + str(key)
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            yield from _unknown_keys(hints[key], value, f"{prefix}{key}.")
-
-
-def unknown_setting(key: str, cls: type, prog: str = "slm") -> SlmError:
-    """An error naming the closest settings: by spelling, and by name in any section (a flat
-    `group_size=64` finds `quant.group_size`)."""
-    paths = setting_paths(cls)
-    names = {_leaf_name(p) for p in paths}
-    near_names = difflib.get_close_matches(_leaf_name(key), names, n=3, cutoff=0.7)
-    by_name = [p for name in near_names for p in paths if _leaf_name(p) == name]
-    suggestions = list(dict.fromkeys(by_name + difflib.get_close_matches(key, paths, n=3, cutoff=0.8)))[:4]
-    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
-    return SlmError(f"unknown setting '{key}'.{hint} (`{prog} --help` lists them all)")
-
-
-def _leaf_name(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
 
 
 def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

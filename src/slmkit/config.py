@@ -5,6 +5,9 @@ unknown keys (with the closest known name), so a typo in a YAML recipe is an err
 default. `ModelConfig` lives here too: the architecture, with field names as in a Hugging Face
 `config.json`, so checkpoints map onto it without a rename table.
 
+`walk` is the one reader of a config tree's settings: `--help`, the generated command-line flags
+(slmkit.cli_args), key=value items and the unknown-key errors all come from it.
+
 This module does not know about models, training or files beyond YAML.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import textwrap
@@ -19,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
@@ -30,55 +34,162 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
-# Generic machinery
+# Generic machinery: the one walker of a config tree, building one from data, YAML
 # --------------------------------------------------------------------------------------------
 
+MISSING = dataclasses.MISSING
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise SlmError(f"config{where or ''}: expected a mapping, got {type(data).__name__}")
+
+@dataclass(frozen=True)
+class Leaf:
+    """One setting of a config tree: its path through the sections, type, default and docstring."""
+
+    path: tuple[str, ...]
+    hint: Any
+    default: Any
+    doc: str
+    meta: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+
+def section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (also `Section | None`), or None for a plain setting."""
+    hint = optional_of(hint)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def optional_of(hint: Any) -> Any:
+    """T for `T | None`; the hint itself otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
+
+
+def walk(cls: type, defaults: Any = None, prefix: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every setting of `cls`, nested sections flattened, in field order -- the one walker that
+    `--help`, the generated flags, key=value items and the unknown-key errors all read.
+
+    defaults: an instance whose values are shown and used as the defaults (a verb may differ from
+    the class, e.g. chat answers at most 512 tokens where generate writes 128)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    docs = field_docs(cls)
+    leaves = []
+    for f in dataclasses.fields(cls):
+        default = _field_default(f, defaults)
+        section = section_type(hints[f.name])
+        if section is not None and default is not None:
+            leaves += walk(section, None if default is MISSING else default, prefix + (f.name,))
+        else:
+            leaves.append(Leaf(prefix + (f.name,), hints[f.name], default, docs.get(f.name, ""), f.metadata))
+    return leaves
+
+
+def _field_default(f: dataclasses.Field, defaults: Any) -> Any:
+    if defaults is not None:
+        return getattr(defaults, f.name)
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def setting_paths(cls: type) -> list[str]:
+    """Every key a YAML file or a key=value item may set: the settings and the sections above them."""
+    keys = []
+    for leaf in walk(cls):
+        keys += [".".join(leaf.path[:i]) for i in range(1, len(leaf.path) + 1)]
+    return list(dict.fromkeys(keys))
+
+
+def describe(cls: type, defaults: Any = None) -> list[str]:
+    """One line per setting (nested with dots): `key (type, default): doc` -- for `--help`."""
+    lines = []
+    for leaf in walk(cls, defaults):
+        default = "required" if leaf.default is MISSING else leaf.default
+        type_name = getattr(leaf.hint, "__name__", str(leaf.hint).replace("typing.", ""))
+        lines.append(f"  {leaf.key} ({type_name}, default {default!r}): {leaf.doc}".rstrip(": "))
+    return lines
+
+
+def unknown_setting(key: str, cls: type, prog: str | None = None) -> SlmError:
+    """An error naming the closest settings: by spelling, and by name in any section (a flat
+    `group_size=64` finds `quant.group_size`)."""
+    paths = setting_paths(cls)
+    names = {p.rsplit(".", 1)[-1] for p in paths}
+    near_names = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=3, cutoff=0.7)
+    by_name = [p for name in near_names for p in paths if p.rsplit(".", 1)[-1] == name]
+    suggestions = list(dict.fromkeys(by_name + difflib.get_close_matches(key, paths, n=3, cutoff=0.8)))[:4]
+    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+    return SlmError(f"unknown setting '{key}'.{hint} (`{prog or 'slm VERB'} --help` lists them all)")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", root: type | None = None,
+              prog: str | None = None) -> T:
+    """Build dataclass `cls` from `data`, recursing into nested sections. An unknown key is an error
+    naming the closest settings of the whole tree (`root`), and a value outside a field's
+    `choices` (its metadata) is refused -- whichever way the data came (flags, YAML, key=value)."""
+    if not isinstance(data, dict):
+        raise SlmError(f"config {where or ''}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            raise unknown_choice(f"config key{' in ' + where if where else ''}", key, names)
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise unknown_setting(path, root or cls, prog)
+        value = _coerce(hints[key], value, path, root or cls, prog)
+        _check_choices(fields[key], value, path)
+        kwargs[key] = value
     return cls(**kwargs)
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
+def _check_choices(f: dataclasses.Field, value: Any, where: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is None or value is None:
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item not in choices:
+            raise SlmError(f"config '{where}': {item!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _coerce(hint: Any, value: Any, where: str, root: type, prog: str | None) -> Any:
     """Check `value` against a type hint, converting ints to floats and dicts to dataclasses."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
-                return _coerce(option, value, where)
-            except SlmError:
-                continue
+                return _coerce(option, value, where, root, prog)
+            except SlmError as err:
+                errors.append(err)
+        if len(errors) == 1:  # `T | None`: T's own error says more
+            raise errors[0]
         raise SlmError(f"config '{where}': {value!r} is not a valid {_hint_name(hint)}")
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise SlmError(f"config '{where}': expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:  # tuple[int, ...]: YAML has no tuples, so a list is read into one
+        return from_dict(hint, value, where, root, prog)
+    if origin in (list, tuple):  # YAML has no tuples, so a list is read into a tuple[T, ...]
         if not isinstance(value, (list, tuple)):
             raise SlmError(f"config '{where}': expected a list, got {value!r}")
         item = (typing.get_args(hint) or (Any,))[0]
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        items = [_coerce(item, v, f"{where}[{i}]", root, prog) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise SlmError(f"config '{where}': expected a mapping, got {value!r}")
         return dict(value)
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: Any, value: Any, where: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -105,7 +216,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML (`3`, `1e-3`, `[1,2]`)."""
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML (`3`, `1e-3`, `[1,2]`);
+    `key=` (nothing after the sign) sets None: the setting's "not given"."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -117,16 +229,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SlmError(f"override '{item}': '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        node[leaf] = parse_yaml(raw, f"the value of '{key}'") if raw != "" else None
     return data
 
 
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text, or a one-line error naming `what` and the first problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SlmError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML settings file (empty file: no settings)."""
+    """The mapping in a YAML settings file (empty file: no settings); the one YAML reader."""
     path = Path(path)
     if not path.is_file():
         raise SlmError(f"config file '{path}' not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), f"'{path}'") or {}
     if not isinstance(data, dict):
         raise SlmError(f"config file '{path}' holds a {type(data).__name__}, not a mapping of settings")
     return data
@@ -140,44 +260,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (`x: int = 1` then `\"\"\"doc\"\"\"`)."""
+    """The docstring written under each field of a dataclass (`x: int = 1` then `\"\"\"doc\"\"\"`),
+    or the comment on the field's line (`x: int = 1  # doc`)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     body = tree.body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+    for node, after in zip(body, body[1:] + [None]):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                 and isinstance(after.value.value, str)):
             docs[node.target.id] = " ".join(after.value.value.split())
+        elif "  # " in lines[node.lineno - 1]:  # a field documented by the comment on its line
+            docs[node.target.id] = lines[node.lineno - 1].split("  # ", 1)[1].strip()
     return docs
-
-
-def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
-    """One line per config key (nested with dots): `key (type, default): doc` -- for `--help`.
-
-    defaults: an instance whose values are the defaults (a recipe may give a nested section its
-    own defaults through a default_factory, e.g. fine-tuning's learning rate)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            nested = getattr(defaults, f.name) if defaults is not None else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            lines += describe(hint, f"{prefix}{f.name}.", nested)
-            continue
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
-        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {docs.get(f.name, '')}".rstrip(": "))
-    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,29 +299,28 @@ class ModelConfig:
     `num_attention_heads`, `num_key_value_heads` and `intermediate_size`.
     """
 
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: PerLayer = 1536
-    num_hidden_layers: int = 30
-    num_attention_heads: PerLayer = 9
+    vocab_size: int = 49152  # embedding rows (tokens the model knows)
+    hidden_size: int = 576  # width of the residual stream
+    intermediate_size: PerLayer = 1536  # MLP width (per block: a list)
+    num_hidden_layers: int = 30  # blocks applied in order
+    num_attention_heads: PerLayer = 9  # query heads (per block: a list)
     num_key_value_heads: PerLayer | None = None  # None: as many as query heads (MHA); 1 is MQA
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"  # the MLP activation: silu, gelu, gelu_pytorch_tanh, gelu_new
+    max_position_embeddings: int = 2048  # the longest sequence (prompt and answer)
     rms_norm_eps: float = 1e-5  # the epsilon of every norm (Phi-2's LayerNorm too)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"longrope", "factor": ..., ...}
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # the output head is the embedding matrix
     attention_bias: bool = False  # bias on q, k, v (and o unless attention_out_bias says otherwise)
     attention_out_bias: bool | None = None  # None: same as attention_bias; Qwen2 has False
-    mlp_bias: bool = False
+    mlp_bias: bool = False  # bias on the MLP linears
     lm_head_bias: bool = False  # Phi-2
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.0  # on the attention weights while training
     hidden_dropout: float = 0.0  # on embeddings and on each residual branch
     sliding_window: int | None = None  # a query sees itself and the window-1 tokens before it
-    # Per-layer attention: "full_attention" | "sliding_attention" for each layer (Gemma 2/3, Qwen2's
-    # max_window_layers); None: every layer slides when sliding_window is set (Mistral).
-    layer_types: list[str] | None = None
+    # (Gemma 2/3, Qwen2's max_window_layers; None: every layer slides when sliding_window is set, as Mistral)
+    layer_types: list[str] | None = None  # per layer: full_attention or sliding_attention
     rope_local_base_freq: float | None = None  # Gemma 3: the RoPE base of the sliding layers
     no_rope_layers: list[int] | None = None  # SmolLM3: 1 = the layer uses RoPE, 0 = it has none (NoPE)
     partial_rotary_factor: float = 1.0  # share of each head's dims that RoPE rotates (Phi-2, Phi-4-mini)
@@ -232,19 +331,19 @@ class ModelConfig:
     gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (Phi-2)
     embedding_multiplier: float = 1.0  # embeddings times this: Gemma sqrt(hidden), Granite's own
     residual_multiplier: float = 1.0  # each residual branch times this (Granite)
-    # the score scale; None: 1/sqrt(head_dim) (Granite's own; Gemma 2/3's query_pre_attn_scalar^-0.5)
-    attention_multiplier: float | None = None
+    # (Granite's own; Gemma 2/3's query_pre_attn_scalar^-0.5)
+    attention_multiplier: float | None = None  # the attention score scale; None: 1/sqrt(head_dim)
     logits_scaling: float = 1.0  # logits divided by this (Granite)
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: the same on the logits
     num_local_experts: int = 0  # 0: dense MLP; >0: Mixtral-style routed experts
-    num_experts_per_tok: int = 2
+    num_experts_per_tok: int = 2  # experts each token is routed to
     block_repeats: int = 1  # each stored block is applied this many times in a row (weight sharing)
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    model_type: str = "llama"
-    name: str = ""
+    initializer_range: float = 0.02  # std of the random initial weights
+    bos_token_id: int | None = 1  # beginning-of-sequence token
+    eos_token_id: int | list[int] | None = 2  # end-of-sequence token(s)
+    model_type: str = "llama"  # the family (HF model_type): which class and GGUF arch it is written as
+    name: str = ""  # a display name
     quantization: dict | None = None  # set on quantized checkpoints: {"method", "bits", "group_size", ...}
     pruning: dict | None = None  # set on pruned checkpoints: {"method", "sparsity", "pattern", ...}
     lowrank: dict | None = None  # set on factorized checkpoints: {"method", "ranks": {linear name: rank}, ...}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit.adapters.merge import merge_adapters
+from slmkit.adapters.merge import merge_adapters, with_adapter_copy
 from slmkit.interop.peft import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
@@ -124,15 +124,25 @@ def _load_adapter(path: Path, dtype: torch.dtype, base: str | None, merge: bool)
     adapter = read_adapter(path)
     base = base or find_base(adapter)
     if is_adapter_dir(Path(base)):
-        raise SlmError(f"the base of '{path}' is itself an adapter ('{base}'); merge that one first (`slm merge`)")
+        raise SlmError(f"the base of '{path}' is itself an adapter ('{base}'); merge it first (`slm merge`)")
     loaded = load(base, dtype)
-    attach_adapter(loaded.model, adapter)
-    if merge and not loaded.model.config.quantization:
-        merge_adapters(loaded.model)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else loaded.tokenizer
+    model, tokenizer = over_base(adapter, loaded)
+    if merge and not model.config.quantization:
+        merge_adapters(model)
     s = loaded.source
     source = Source(s.config, str(path), s.file_bytes + adapter.bytes, s.tensor_types, base=base)
-    return Loaded(loaded.model.eval(), tokenizer, source)
+    return Loaded(model, tokenizer, source)
+
+
+def over_base(adapter: AdapterFiles, base: Loaded, share: bool = False):
+    """(model, tokenizer): the adapter attached over `base`'s model -- over a copy of its module tree
+    that shares the weights when `share` (several adapters served over one base in memory) -- and
+    the adapter directory's own tokenizer when it has one, else the base's. The one adapter loader."""
+    model = with_adapter_copy(base.model) if share else base.model
+    attach_adapter(model, adapter)
+    path = adapter.path
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else base.tokenizer
+    return model.eval(), tokenizer
 
 
 def inspect(spec: str) -> Source:

@@ -20,11 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slmkit.config import from_dict
 from slmkit.errors import SlmError
+from slmkit.runtime import Runtime, use_threads
 
-# Real shapes only (the tiny test configs would squash the plot): 30 thin layers (SmolLM2-135M) against
-# 16 wide ones (OpenELM-270M, Llama-3.2-1B), a 49k against a 152k and a 128k vocabulary.
-# Real shapes from 135M to 1.5B, several families at similar sizes, so the sweep shows what the architecture
+# Real shapes only (the tiny test configs would squash the plot), from 135M to 1.5B, several families at similar sizes, so the sweep shows what the architecture
 # (vocabulary, head count, GQA, Gemma's 256-wide heads, OLMo-2's post-norms) does to speed at equal parameters.
 SWEEP_PRESETS = ("smollm2-135m", "gemma-3-270m", "openelm-270m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b",
                  "gemma-3-1b", "llama-3.2-1b", "olmo-2-1b")
@@ -40,16 +40,10 @@ class BenchSettings:
     """batch sizes, each measured in turn (e.g. 1,8)"""
     runs: int = 3
     """timed runs per batch size after one warm-up"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
-    """weight precision in memory (the llamacpp engine too)"""
     seed: int = 0
     """seed of the random prompt tokens"""
-    engine: str = field(default="torch", metadata={"choices": ("auto", "torch", "llamacpp")})
-    """the runtime measured: llamacpp (the GGUF export, cached), torch (slmkit's PyTorch engine) or auto (llamacpp when installed and the model exports to GGUF)"""
-    gguf_type: str = field(default="q8_0", metadata={"choices": ("q8_0", "q4_0", "q4_k_m", "f16")})
-    """GGUF type of the export the llamacpp engine runs (a GGUF model runs as it is)"""
+    runtime: Runtime = field(default_factory=lambda: Runtime(engine="torch", dtype="float32"))
+    """the runtime measured (presets, which have random weights, always run on torch)"""
 
 
 @dataclass
@@ -76,10 +70,9 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     from slmkit.infer.llamacpp import choose_engine
     from slmkit.infer.sampling import SamplingParams
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.runtime.threads)
     started = time.perf_counter()
-    if choose_engine(settings.engine, spec) == "llamacpp":
+    if choose_engine(settings.runtime.engine, spec) == "llamacpp":
         engine, result = _llamacpp_engine(spec, settings)
     else:
         engine, result = _torch_engine(spec, settings)
@@ -115,10 +108,10 @@ def _torch_engine(spec: str, settings: BenchSettings):
     from slmkit.infer.engine import Engine
     from slmkit.load import load
 
-    loaded = load(spec, dtype=getattr(torch, settings.dtype), allow_random=True, merge=True)
+    loaded = load(spec, dtype=getattr(torch, settings.runtime.dtype), allow_random=True, merge=True)
     model = loaded.model
     return Engine(model), ModelBench(spec, weight_count(model),
-                                     loaded.source.file_bytes / 2**20, 0.0, 0.0, settings.dtype,
+                                     loaded.source.file_bytes / 2**20, 0.0, 0.0, settings.runtime.dtype,
                                      torch.get_num_threads(), engine="torch")
 
 
@@ -129,11 +122,12 @@ def _llamacpp_engine(spec: str, settings: BenchSettings):
 
     from slmkit.infer.llamacpp import LlamaCppEngine, gguf_kind, runtime_files
 
-    files = runtime_files(spec, settings.gguf_type, progress=lambda m: print(m, file=sys.stderr))
-    engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, settings.threads,
+    r = settings.runtime
+    files = runtime_files(spec, r.gguf_type, progress=lambda m: print(m, file=sys.stderr))
+    engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, r.threads,
                                       sequences=max(settings.batches))
-    return engine, ModelBench(spec, engine.parameters, files.file_bytes / 2**20, 0.0, 0.0, gguf_kind(files.gguf, settings.gguf_type),
-                              settings.threads or torch.get_num_threads(), engine="llamacpp")
+    return engine, ModelBench(spec, engine.parameters, files.file_bytes / 2**20, 0.0, 0.0,
+                              gguf_kind(files.gguf, r.gguf_type), r.threads or torch.get_num_threads(), engine="llamacpp")
 
 
 def peak_rss_mib() -> float:
@@ -191,6 +185,4 @@ def sweep_plot(results: list[ModelBench], path: Path) -> Path:
 
 
 if __name__ == "__main__":  # worker: python -m slmkit.evals.device SPEC SETTINGS_JSON
-    raw = json.loads(sys.argv[2])
-    raw["batches"] = tuple(raw["batches"])
-    print(json.dumps(asdict(measure_here(sys.argv[1], BenchSettings(**raw)))))
+    print(json.dumps(asdict(measure_here(sys.argv[1], from_dict(BenchSettings, json.loads(sys.argv[2]))))))

@@ -40,6 +40,7 @@ from slmkit.interop.hf import config_to_hf, read_hf_config
 from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.load import find_base, inspect, load, resolve
 from slmkit.rope import rope_type
+from slmkit.runtime import RUNTIME_GGUF_TYPES
 from slmkit.tokenizer import Tokenizer
 
 try:  # the [llamacpp] extra
@@ -57,7 +58,6 @@ if llama_cpp is not None:
     llama_cpp.llama_log_set(_errors_only, ctypes.c_void_p(0))
     _SILENT_PROGRESS = llama_cpp.llama_progress_callback(lambda _progress, _user_data: True)
 
-GGUF_TYPES = ("q8_0", "q4_0", "q4_k_m", "f16")
 MISSING = "the llama.cpp engine needs llama-cpp-python: pip install -e '.[llamacpp]' (or use --engine torch)"
 
 
@@ -133,8 +133,8 @@ def runtime_files(spec: str, gguf_type: str = "q8_0", progress=print) -> Runtime
     `gguf_type`. Each source gets a cache entry keyed by its content hash: the export (with its
     checksum: a damaged file is rebuilt, never loaded) and the config and tokenizer as JSON,
     because reading them back from a GGUF with gguf-py takes seconds where JSON takes milliseconds."""
-    if gguf_type not in GGUF_TYPES:
-        raise SlmError(f"--gguf-type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}")
+    if gguf_type not in RUNTIME_GGUF_TYPES:
+        raise SlmError(f"--gguf-type '{gguf_type}' is not one of {', '.join(RUNTIME_GGUF_TYPES)}")
     target = resolve(spec)
     if isinstance(target, str):
         raise SlmError(f"'{spec}' is an architecture without weights; give a GGUF file or a model directory")

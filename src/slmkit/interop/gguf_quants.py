@@ -18,10 +18,13 @@ import re
 import numpy as np
 
 from slmkit.errors import SlmError
+from slmkit.runtime import GGUF_TYPES
 
 QK_K = 256
 # llama.cpp's LLAMA_FTYPE values
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15}
+# llama.cpp's LLAMA_FTYPE value of each type slmkit writes (runtime.GGUF_TYPES, in that order)
+FTYPES = dict(zip(GGUF_TYPES, (0, 1, 7, 2, 3, 15)))
+BITS = dict(zip(GGUF_TYPES, (32, 16, 8.5, 4.5, 5.0, 4.8)))  # bits per weight, scales included (estimates)
 BLOCK_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 

@@ -23,6 +23,7 @@ from slmkit.data.calibration import calibration_ids
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_checkpoint
 from slmkit.load import Loaded, load
+from slmkit.runtime import use_threads
 
 
 @dataclass
@@ -81,11 +82,6 @@ def _require_out(job) -> None:
         raise SlmError("give the MODEL to read and an output directory (-o OUT)")
 
 
-def _threads(job) -> None:
-    if job.threads:
-        torch.set_num_threads(job.threads)
-
-
 def _calibration(loaded: Loaded, calib: str | None, samples: int, seq_len: int, spec: str) -> torch.Tensor:
     if loaded.tokenizer is None:
         raise SlmError(f"'{spec}' has no tokenizer to read calibration text with; use a model directory "
@@ -101,7 +97,7 @@ def check_quantize(model: torch.nn.Module, job: QuantizeJob) -> None:
 def run_quantize(job: QuantizeJob, log: Log = print) -> str:
     """Quantize and save; returns the report's summary line."""
     _require_out(job)
-    _threads(job)
+    use_threads(job.threads)
     loaded = load_whole(job.model, log)
     started = time.perf_counter()
     q = job.quant
@@ -124,7 +120,7 @@ def check_pruning(model: torch.nn.Module, job: PruneJob) -> ModelConfig:
 
 def run_prune(job: PruneJob, log: Log = print) -> str:
     _require_out(job)
-    _threads(job)
+    use_threads(job.threads)
     loaded = load_whole(job.model, log)
     model, started = loaded.model, time.perf_counter()
     check_pruning(model, job)  # every setting checked before calibration is read
@@ -144,7 +140,7 @@ def run_prune(job: PruneJob, log: Log = print) -> str:
 
 def run_lowrank(job: LowRankJob, log: Log = print) -> str:
     _require_out(job)
-    _threads(job)
+    use_threads(job.threads)
     loaded = load_whole(job.model, log)
     cfg, started = job.lowrank, time.perf_counter()
     check_lowrank(loaded.model, cfg)  # every setting checked before calibration text is read
@@ -154,3 +150,58 @@ def run_lowrank(job: LowRankJob, log: Log = print) -> str:
     log(report.summary())
     log(f"wrote {out} in {time.perf_counter() - started:.0f}s")
     return report.summary()
+
+
+QUANTIZE_EXAMPLES = """examples:
+  slm quantize smollm2-135m-instruct --method int8 -o runs/smollm2-int8
+  slm quantize smollm2-135m-instruct --method gptq --group-size 64 -o runs/smollm2-gptq
+  slm generate runs/smollm2-gptq "Once upon a time"
+  slm export gguf runs/smollm2-int8 smollm2-q8.gguf --type q8_0
+"""
+
+PRUNE_NOTES = """\
+Unstructured / N:M (zeros in place; same shape, same speed):
+  magnitude   drop the smallest |W| in each row (the floor)
+  wanda       drop the smallest |W| x ||X_j|| in each row (calibration activations, no update)
+  sparsegpt   OBS saliency, and the remaining weights of each row updated to absorb the error
+  Unstructured and 2:4 sparsity give NO CPU speed-up with PyTorch's dense kernels: use them for
+  quality research or as a start for further compression. Speed comes from --structured.
+  Fine-tuning and distillation of a pruned checkpoint keep its zeros at zero.
+
+Structured (a smaller dense model of the same architecture; faster):
+  --params 90M, or any of --ffn --heads --kv-heads --hidden --layers; importance from calibration
+  activations (Minitron: MLP neurons, heads within GQA groups, hidden channels; layers by block
+  influence, ShortGPT). Heal it with `slm distill` from the original: configs/distill/heal-*.yaml.
+
+examples:
+  slm prune smollm2-135m-instruct --method wanda --sparsity 0.5 -o runs/smollm2-wanda50
+  slm prune smollm2-135m-instruct --method sparsegpt --pattern 2:4 -o runs/smollm2-sgpt24
+  slm prune smollm2-135m-instruct --structured --params 95M -o runs/smollm2-95m
+  slm distill --config configs/distill/heal-width.yaml
+"""
+
+LOWRANK_NOTES = """\
+Each chosen linear W (N outputs, K inputs: N*K weights) becomes two thinner ones, up (N x r) @
+down (r x K): r*(N+K) weights. They are smaller only below the break-even rank N*K/(N+K)
+(576x576: 288; 1536x576: 419), so --keep is the share of each linear's parameters the pair keeps:
+rank = floor(keep * N*K/(N+K)), and keep must be in (0, 1).
+
+  svd        plain truncated SVD of W: no data needed
+  whitened   SVD-LLM: the SVD of W S, where S S^T = X^T X of calibration inputs X, so the dropped
+             singular values are exactly the output error; needs calibration text (--calib)
+  --ranks sensitivity   the same parameter total, spread by measured output error per linear
+                        (needs calibration text for either method; two calibration passes)
+
+At --keep 0.8 SmolLM2-135M's WikiText-2 perplexity goes from 36 to ~134 with whitened and is
+destroyed by plain svd: small models have little low-rank slack; heal by distillation (`slm distill`).
+
+The checkpoint loads in slmkit (generate, chat, eval, serve, bench). transformers cannot load it
+(its config says llama, its weights are factor pairs), and GGUF export needs --densify, which
+multiplies the factors back (the original size again).
+
+examples:
+  slm lowrank smollm2-135m-instruct --method whitened --keep 0.8 -o runs/smollm2-svdllm80
+  slm lowrank smollm2-135m-instruct --keep 0.9 --ranks sensitivity -o runs/smollm2-svdllm90s
+  slm eval runs/smollm2-svdllm80 --perplexity ../shared/data/corpus/wikitext2/valid.txt
+  slm export gguf runs/smollm2-svdllm80 smollm2-svdllm80.gguf --densify
+"""

@@ -8,21 +8,23 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from slmkit.errors import SlmError
-from slmkit.evals.api import evaluate, model_info, parse_shots, save_results
-from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, ModelBench, measure
+from slmkit.evals.api import evaluate, model_info, parse_shots, results_table, save_results
+from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, ModelBench, bench_table, measure, sweep_plot
 from slmkit.evals.endpoint import EndpointLM
 from slmkit.evals.lm import LlamaCppLM, LocalLM
 from slmkit.evals.perplexity import text_perplexity
-from slmkit.evals.tasks import DEFAULT_SUITE
+from slmkit.evals.tasks import DEFAULT_SUITE, TASKS
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
+from slmkit.runtime import Runtime, use_threads
 
 
 @dataclass
@@ -51,21 +53,15 @@ class EvalJob:
     """score the model served at this OpenAI-compatible URL instead (e.g. http://127.0.0.1:8000); the key comes from $OPENAI_API_KEY"""
     output: str | None = field(default=None, metadata={"flag": ("-o", "--output")})
     """results JSON (default: runs/eval/<model>-<time>.json)"""
-    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
-    """weight precision in memory: float32 or bfloat16"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-    engine: str = field(default="torch", metadata={"choices": ("auto", "torch", "llamacpp")})
-    """torch scores the weights as they are (the default: an evaluation measures the model, not a Q8_0 copy of it); llamacpp scores the GGUF export (its gguf_type rounding included); auto: llamacpp when installed and the model exports to GGUF"""
-    gguf_type: str = field(default="q8_0", metadata={"choices": ("q8_0", "q4_0", "q4_k_m", "f16")})
-    """GGUF type of the export the llamacpp engine scores (a GGUF model is scored as it is)"""
+    runtime: Runtime = field(default_factory=lambda: Runtime(engine="torch", dtype="float32"))
+    """where it is scored: torch by default (an evaluation measures the weights as they are, not a Q8_0 copy of them); llamacpp scores the GGUF export, its rounding included"""
 
 
 @dataclass
 class BenchJob:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     """GGUF files, HF directories or preset names (presets run with random weights)"""
-    settings: BenchSettings = field(default_factory=lambda: BenchSettings(engine="auto"))
+    settings: BenchSettings = field(default_factory=lambda: BenchSettings(runtime=Runtime(engine="auto", dtype="float32")))
     """what is measured and how"""
     sweep: bool = False
     """also measure the presets smollm2-135m, openelm-270m, smollm2-360m, qwen2-0.5b, llama-3.2-1b and plot decode speed against size"""
@@ -94,8 +90,7 @@ def task_plan(job: EvalJob) -> tuple[list[str], list[int] | None, int | dict | N
 
 def run_eval(job: EvalJob, progress: bool = True) -> dict:
     """The results document (also written to `eval_output(job)`, and after each task while running)."""
-    if job.threads:
-        torch.set_num_threads(job.threads)
+    use_threads(job.runtime.threads)
     names, shots, limit = task_plan(job)
     out = eval_output(job)
     if job.endpoint:
@@ -104,8 +99,8 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict:
         lm = EndpointLM(job.endpoint, job.model, os.environ.get("OPENAI_API_KEY"))
         doc = evaluate(lm, names, shots, limit, job.seed, job.data_dir, progress, f"{job.endpoint} {job.model}")
     elif job.perplexity:
-        choose_engine(job.engine, job.model, ["--perplexity"])  # refuses the llamacpp engine in one line
-        loaded = _eval_model(job.model, job.dtype)
+        choose_engine(job.runtime.engine, job.model, ["--perplexity"])  # refuses the llamacpp engine in one line
+        loaded = _eval_model(job.model, job.runtime.dtype)
         result = text_perplexity(loaded.model, loaded.tokenizer, job.perplexity, stride=job.stride)
         print(result.summary())
         doc = {"model": job.model, "model_info": model_info(loaded),
@@ -129,16 +124,38 @@ def _eval_model(spec: str, dtype: str):
 
 def eval_lm(job: EvalJob):
     """The scorer on the chosen engine, and what a report needs to know of the model."""
-    if choose_engine(job.engine, job.model) == "llamacpp":
-        files = runtime_files(job.model, job.gguf_type, progress=_stderr)
-        engine = LlamaCppEngine.for_files(files, threads=job.threads)
+    r = job.runtime
+    if choose_engine(r.engine, job.model) == "llamacpp":
+        files = runtime_files(job.model, r.gguf_type, progress=_stderr)
+        engine = LlamaCppEngine.for_files(files, r.context, threads=r.threads)
         size = files.file_bytes
         return LlamaCppLM(engine, files.tokenizer), {
             "params": engine.parameters, "file_mib": size / 2**20, "bits": round(8 * size / engine.parameters, 2),
-            "quantization": None, "gguf_type": gguf_kind(files.gguf, job.gguf_type).upper(),
+            "quantization": None, "gguf_type": gguf_kind(files.gguf, r.gguf_type).upper(),
             "engine": "llamacpp"}
-    loaded = _eval_model(job.model, job.dtype)
+    loaded = _eval_model(job.model, r.dtype)
     return LocalLM(loaded.model, loaded.tokenizer, batch_size=job.batch_size), model_info(loaded)
+
+
+def eval_verb(job: EvalJob) -> None:
+    """`slm eval`: score, print the table, say where the results went (`--tasks list`: the task names)."""
+    if job.tasks == "list":
+        print("tasks: " + ", ".join(TASKS) + ", mmlu_SUBJECT (one MMLU subject, e.g. mmlu_anatomy), NAME:val (a "
+              "fine-tuning task's validation split, e.g. symptom2disease:val)")
+        return
+    job = replace(job, output=str(eval_output(job)))  # one path, said at the end
+    doc = run_eval(job)
+    if "results" in doc:
+        Console().print(results_table(doc))
+    print(f"wrote {job.output}")
+
+
+def bench_verb(job: BenchJob) -> None:
+    results, out = run_bench(job, log=lambda message: print(message, flush=True))
+    Console().print(bench_table(results, job.settings))
+    print(f"wrote {out}")
+    if job.sweep:
+        print(f"wrote {sweep_plot(results, out.with_suffix('.png'))}")
 
 
 def check_bench(job: BenchJob) -> list[str]:
@@ -147,9 +164,9 @@ def check_bench(job: BenchJob) -> list[str]:
     if not s.batches or min(s.batches) < 1 or s.runs < 1 or s.prompt_tokens < 1 or s.new_tokens < 2:
         raise SlmError("batch sizes and runs must be >= 1, prompt_tokens >= 1 and new_tokens >= 2")
     models = list(dict.fromkeys(job.models + (list(SWEEP_PRESETS) if job.sweep else [])))
-    if s.engine == "llamacpp":
+    if s.runtime.engine == "llamacpp":
         for spec in models:  # a missing extra or an architecture without weights: one line, before any process
-            choose_engine(s.engine, spec)
+            choose_engine(s.runtime.engine, spec)
     return models
 
 
@@ -165,3 +182,26 @@ def run_bench(job: BenchJob, log=print) -> tuple[list[ModelBench], Path]:
            "results": [asdict(r) for r in results]}
     save_results(json.loads(json.dumps(doc)), out)
     return results, out
+
+
+EVAL_EXAMPLES = """examples:
+  slm eval --tasks list
+  slm eval smollm2-135m-instruct --tasks arc_easy,piqa --limit 200      # a quick look (~2 min)
+  slm eval smollm2-135m-instruct                                         # the whole suite (see README)
+  slm eval runs/smollm2-gptq --tasks mmlu --shots 0,5                    # the in-context-learning gain
+  slm eval smollm2-135m-instruct --perplexity ../shared/data/corpus/wikitext2/valid.txt
+  slm eval runs/s2d-lora --tasks symptom2disease        # a fine-tuned model on its task's test split
+  slm eval runs/s2d-lora --tasks symptom2disease:val    # ... on the validation split, to choose settings
+
+Prompt formats and metrics follow lm-evaluation-harness (each task's docstring quotes them);
+results do not depend on --batch-size and are the same on every run.
+"""
+
+BENCH_EXAMPLES = """examples:
+  slm bench                                                   # the bundled SmolLM2-135M
+  slm bench smollm2-135m-instruct runs/smollm2-int8 --batch 1,8
+  slm bench --sweep --prompt-tokens 128 --new-tokens 32       # how architecture changes latency here
+
+Each model is measured in its own process (its own peak memory and load time); one warm-up run is
+excluded and the median of --runs is reported with its min and max.
+"""

@@ -16,8 +16,8 @@ from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
+from slmkit.runtime import GGUF_TYPES, SAVE_DTYPES
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MergeJob:
     """adapter directory (PEFT format)"""
     out: str = field(default="", metadata={"flag": ("-o", "--out")})
     """output directory"""
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    dtype: str = field(default="float32", metadata={"choices": SAVE_DTYPES})
     """safetensors precision of a float base (a quantized base keeps its codes)"""
 
 
@@ -120,7 +120,7 @@ class ConvertJob:
     """OUT.gguf for GGUF, anything else for an HF directory"""
     type: str = field(default="f16", metadata={"choices": ("f32", "f16")})
     """GGUF tensor type for matrices"""
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    dtype: str = field(default="float32", metadata={"choices": SAVE_DTYPES})
     """safetensors precision for an HF directory"""
 
 

@@ -1,5 +1,5 @@
-"""`slm generate` and `slm chat` as configs: the runtime a model runs on (engine, precision,
-compilation, speculative decoding), the sampling settings, and the generator they build.
+"""`slm generate` and `slm chat` as configs: the runtime a model runs on (engine, precision), the
+torch engine's decoding accelerations, the sampling settings, and the generator they build.
 
 The terminal loop of `slm chat` stays in chat.py; this module only builds what it talks to."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from slmkit.chat import run_chat as chat_loop
 from slmkit.errors import SlmError
 from slmkit.generate import TextGenerator
 from slmkit.infer.constrain import OutputFormat
@@ -21,34 +22,8 @@ from slmkit.infer.sampling import SamplingParams
 from slmkit.infer.speculate import DraftModel, PromptLookup
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
+from slmkit.runtime import Decoding, Runtime, use_threads
 from slmkit.tokenizer import same_vocabulary
-
-DTYPES = ("bfloat16", "float32")
-ENGINES = ("auto", "torch", "llamacpp")
-RUNTIME_GGUF_TYPES = ("q8_0", "q4_0", "q4_k_m", "f16")
-
-
-@dataclass
-class RuntimeConfig:
-    """How a model runs: engine, precision and the decoding accelerations."""
-
-    dtype: str = field(default="bfloat16", metadata={"choices": DTYPES})
-    """weight precision in memory (bfloat16: half the memory traffic of float32)"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-    context: int | None = None
-    """maximum tokens in the context (default: the model's own limit)"""
-    compile: bool = False
-    """torch.compile the decode step (torch engine): ~1.5-2x faster decoding after 2-5 min of compiling on first use (1-2 min on later starts, from inductor's cache)"""
-    speculate: str | None = field(default=None, metadata={"metavar": "lookup|draft=MODEL"})
-    """speculative decoding, same text: 'lookup' drafts by matching the prompt's n-grams (good for summaries and extraction); 'draft=MODEL' drafts with a smaller model of the same tokenizer (e.g. a distilled student)"""
-    draft_tokens: int = 4
-    """guesses verified per pass with speculate"""
-    engine: str = field(default="auto", metadata={"choices": ENGINES})
-    """llamacpp exports the model to GGUF once (cached) and decodes in llama.cpp, ~4x faster on a CPU; torch is slmkit's PyTorch engine (the reference, and the one for compile and speculate); auto: llamacpp when installed and the model exports to GGUF"""
-    gguf_type: str = field(default="q8_0", metadata={"choices": RUNTIME_GGUF_TYPES})
-    """GGUF type of the export the llamacpp engine runs (a GGUF model runs as it is)"""
-
 
 @dataclass
 class SamplingConfig:
@@ -92,7 +67,8 @@ class GenerateJob:
     """structured output: answer with JSON valid under this JSON Schema (a .json file or the schema inline)"""
     choices: list[str] = field(default_factory=list, metadata={"metavar": "A,B,..."})
     """structured output: answer with exactly one of these labels (classification)"""
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: Runtime = field(default_factory=Runtime)
+    decoding: Decoding = field(default_factory=Decoding)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -102,20 +78,27 @@ class ChatJob:
     """GGUF file, Hugging Face directory, adapter directory or preset name; the default is the bundled SmolLM2-135M-Instruct"""
     system: str | None = None
     """system message for the conversation"""
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: Runtime = field(default_factory=Runtime)
+    decoding: Decoding = field(default_factory=Decoding)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=512))
+
+
+def run_chat(job: ChatJob) -> int:
+    params = job.sampling.params()  # bad settings: refused before the model loads
+    name, gen = load_generator(job.model, job.runtime, job.decoding)
+    return chat_loop(gen, params, job.system, job.sampling.stop, name=name)
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def load_generator(model: str, runtime: RuntimeConfig) -> tuple[str, TextGenerator]:
+def load_generator(model: str, runtime: Runtime, decoding: Decoding | None = None) -> tuple[str, TextGenerator]:
     """(model name, TextGenerator) on the engine `runtime` asks for."""
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
-    speculate = speculate_spec(runtime.speculate)
-    torch_only = [flag for flag, on in (("--compile", runtime.compile), ("--speculate", runtime.speculate)) if on]
+    decoding = decoding or Decoding()
+    use_threads(runtime.threads)
+    speculate = speculate_spec(decoding.speculate)
+    torch_only = [flag for flag, on in (("--compile", decoding.compile), ("--speculate", decoding.speculate)) if on]
     if choose_engine(runtime.engine, model, torch_only) == "llamacpp":
         files = runtime_files(model, runtime.gguf_type, progress=_stderr)
         engine = LlamaCppEngine.for_files(files, runtime.context, threads=runtime.threads)
@@ -124,8 +107,8 @@ def load_generator(model: str, runtime: RuntimeConfig) -> tuple[str, TextGenerat
     loaded = load(model, dtype=dtype, merge=True)
     drafter = _drafter(speculate, loaded, dtype, runtime.context)
     return loaded.source.config.name or model, TextGenerator(
-        loaded.model, loaded.tokenizer, runtime.context, compile=runtime.compile, drafter=drafter,
-        draft_tokens=runtime.draft_tokens)
+        loaded.model, loaded.tokenizer, runtime.context, compile=decoding.compile, drafter=drafter,
+        draft_tokens=decoding.draft_tokens)
 
 
 def speculate_spec(spec: str | None) -> str | None:
@@ -183,7 +166,7 @@ def run_generate(job: GenerateJob, out=None) -> int:
     prompt = sys.stdin.read() if job.prompt == "-" else job.prompt
     fmt = output_format(job)
     params = job.sampling.params()  # bad sampling settings: refused before the model loads
-    _, gen = load_generator(job.model, job.runtime)
+    _, gen = load_generator(job.model, job.runtime, job.decoding)
     if job.chat:
         messages = ([{"role": "system", "content": job.system}] if job.system else [])
         prompt = gen.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}])

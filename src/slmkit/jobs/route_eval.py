@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from slmkit.errors import SlmError
 from slmkit.evals.api import default_data_dir
@@ -17,6 +19,7 @@ from slmkit.evals.endpoint import EndpointLM
 from slmkit.evals.lm import LocalLM
 from slmkit.evals.tasks import make_task
 from slmkit.load import load
+from slmkit.runtime import DTYPES, use_threads
 from slmkit.serve.remote import RemoteBackend
 from slmkit.serve.route_eval import route_eval, save
 
@@ -37,7 +40,7 @@ class RouteEvalJob:
     """eval data folder (default: ../shared/data/eval)"""
     out: str = field(default="runs/route-eval", metadata={"flag": ("-o", "--out")})
     """output folder (route-eval-TASK.json and .png)"""
-    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
     """weight precision in memory of a model slmkit loads"""
     threads: int | None = None
     """CPU threads (default: all cores)"""
@@ -56,10 +59,22 @@ def run_route_eval(job: RouteEvalJob) -> tuple[dict, Path, Path]:
     """(result, its JSON, its PNG curve)."""
     if not job.local or not job.remote:
         raise SlmError("give both models: --local MODEL --remote URL[,model=NAME,key=ENV_VAR]")
-    if job.threads:
-        torch.set_num_threads(job.threads)
+    use_threads(job.threads)
     task = make_task(job.task, Path(job.data_dir) if job.data_dir else default_data_dir())
     (local, local_name), (remote, remote_name) = _scorer(job.local, job.dtype), _scorer(job.remote, job.dtype)
     result = route_eval(local, remote, task, job.limit, job.thresholds)
     path, png = save(result, Path(job.out), local_name, remote_name)
     return result, path, png
+
+
+def route_eval_verb(job: RouteEvalJob) -> None:
+    """`slm route-eval`: the curve as a table, and where its JSON and PNG went."""
+    result, path, png = run_route_eval(job)
+    table = Table(title=f"{result['task']} {result['metric']} (n={result['n']}): local only "
+                        f"{result['local_only']:.3f}, remote only {result['remote_only']:.3f}")
+    for column in ("threshold", "escalated", "accuracy"):
+        table.add_column(column, justify="right")
+    for point in result["curve"]:
+        table.add_row(f"{point['threshold']:g}", f"{point['escalated']:.1%}", f"{point['accuracy']:.3f}")
+    Console().print(table)
+    print(f"wrote {path} and {png}")

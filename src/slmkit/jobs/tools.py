@@ -1,14 +1,45 @@
-"""The small verbs' configs: `slm size`, `slm tokenizer train` and `slm demo` (and the tokenizer
-training itself; size prints through card.py, and demo runs the demo pipeline recipe)."""
+"""The small verbs: `slm info`, `slm size`, `slm presets`, `slm tokenize`, `slm report`,
+`slm plot`, `slm prepare`, `slm synth` and `slm tokenizer train` -- each a config and the
+function that runs it (tables print through card.py)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from slmkit.data.prepare import split_documents
+from slmkit.card import print_card, print_presets, print_size
+from slmkit.data.prepare import PrepareConfig, prepare, split_documents
+from slmkit.data.prepare import print_report as print_prepare_report
 from slmkit.data.readers import expand_inputs, read_documents
+from slmkit.data.synth import SynthConfig, synthesize
+from slmkit.data.synth import print_report as print_synth_report
 from slmkit.errors import SlmError
+from slmkit.evals.report import write_report
+from slmkit.load import inspect, load_tokenizer
+from slmkit.presets import DEFAULT_MODEL
 from slmkit.tokenizer import bytes_per_token, train_tokenizer
+from slmkit.train.plot import plot_run
+
+
+@dataclass
+class InfoJob:
+    model: str = DEFAULT_MODEL
+    """GGUF file (or ollama:NAME[:TAG]), Hugging Face directory or preset name (`slm presets`); the default is the bundled SmolLM2-135M-Instruct; no weights are read"""
+
+
+def run_info(job: InfoJob) -> None:
+    print_card(inspect(job.model))
+
+
+@dataclass
+class PresetsJob:
+    """`slm presets` has no settings."""
+
+
+def run_presets(_job: PresetsJob) -> None:
+    print_presets()
 
 
 @dataclass
@@ -27,6 +58,77 @@ class SizeJob:
     """bits per KV-cache value"""
 
 
+def run_size(job: SizeJob) -> None:
+    if not job.model:
+        raise SlmError("give a MODEL: a GGUF file, Hugging Face directory or preset name (`slm presets`)")
+    print_size(inspect(job.model).config, job.bits, job.group_size, job.context, job.batch, job.kv_bits)
+
+
+@dataclass
+class TokenizeJob:
+    model: str = DEFAULT_MODEL
+    """the MODEL whose tokenizer to use (or a directory holding tokenizer.json)"""
+    text: str = ""
+    """the text to split, or - to read it from stdin"""
+    special: bool = True
+    """add the tokenizer's BOS/EOS as it does for a prompt"""
+    chat: bool = False
+    """wrap the text as a user message in the chat template first (what a chat prompt costs)"""
+    json: bool = False
+    """print the ids as a JSON list instead of a table"""
+
+
+def run_tokenize(job: TokenizeJob) -> None:
+    """Print each token's id and piece, and the count (a prompt's length and cost in tokens)."""
+    if not job.text:
+        raise SlmError("give the TEXT to split (or - to read it from stdin)")
+    text = sys.stdin.read() if job.text == "-" else job.text
+    tokenizer = load_tokenizer(job.model)
+    if job.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    ids = tokenizer.encode(text, add_special=job.special)
+    if job.json:
+        print(json.dumps(ids))
+        return
+    for i in ids:
+        print(f"{i:>8}  {tokenizer.decode([i], skip_special=False)!r}")
+    print(f"{len(ids)} tokens, {len(text.encode())} bytes ({len(text.encode()) / max(len(ids), 1):.2f} bytes per token)")
+
+
+@dataclass
+class ReportJob:
+    results: list[str] = field(default_factory=list)
+    """JSON files or folders written by slm eval, slm bench or bench/quantize.py"""
+    out: str = field(default="runs/report", metadata={"flag": ("-o", "--out")})
+    """output folder (report.md and PNG plots)"""
+
+
+def run_report(job: ReportJob) -> None:
+    if not job.results:
+        raise SlmError("give the results JSON files or folders to compare")
+    print(f"wrote {write_report([Path(p) for p in job.results], Path(job.out))}")
+
+
+@dataclass
+class PlotJob:
+    run: str = ""
+    """run directory (holds metrics.jsonl)"""
+
+
+def run_plot(job: PlotJob) -> None:
+    if not job.run:
+        raise SlmError("give the RUN directory to plot (it holds metrics.jsonl)")
+    print(f"wrote {plot_run(job.run)}")
+
+
+def run_prepare(cfg: PrepareConfig) -> None:
+    print_prepare_report(prepare(cfg), cfg.out)
+
+
+def run_synth(cfg: SynthConfig) -> None:
+    print_synth_report(synthesize(cfg))
+
+
 @dataclass
 class TokenizerJob:
     inputs: list[str] = field(default_factory=list)
@@ -43,14 +145,6 @@ class TokenizerJob:
     """field of .jsonl/.csv/.parquet records"""
     separator: str = "auto"
     """document separator in .txt files"""
-
-
-@dataclass
-class DemoJob:
-    recipe: str = "configs/pipeline/demo.yaml"
-    """the pipeline recipe `slm demo` runs (`make demo`: the bundled model fine-tuned, quantized, evaluated and exported in under 10 minutes)"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
 
 
 def run_tokenizer(job: TokenizerJob, log=print) -> str:

@@ -43,7 +43,7 @@ class EvaluateStage:
     general_limit: int | None = 200
     """documents per general task (None = all)"""
     eval: EvalJob = field(default_factory=EvalJob)
-    """scoring settings (batch_size, dtype, engine, seed, data_dir, threads); the model and tasks are set per stage"""
+    """scoring settings (batch_size, seed, data_dir, runtime); the model and tasks are set per stage"""
     bench: BenchSettings | None = field(default_factory=lambda: BenchSettings(prompt_tokens=128, new_tokens=64, runs=3))
     """`slm bench` settings for each stage's model (torch engine: the weights as each stage left them); null = no speed columns"""
 
@@ -103,4 +103,4 @@ STAGES = ("base", "prepare", "prune", "lowrank", "distill", "finetune", "quantiz
 
 # Fields each section may not set: the pipeline joins the stages through them.
 JOINED = {"prepare": ("out",), "prune": ("model", "out"), "lowrank": ("model", "out"),
-          "distill": ("student", "out"), "finetune": ("base", "out"), "quantize": ("model", "out")}
+          "distill": ("student", "out", "resume"), "finetune": ("base", "out", "resume"), "quantize": ("model", "out")}

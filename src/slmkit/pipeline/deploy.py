@@ -22,6 +22,7 @@ from slmkit.infer.sampling import SamplingParams
 from slmkit.jobs.evaluate import run_eval
 from slmkit.jobs.export import GgufJob, GgufLoraJob, run_gguf, run_gguf_lora, save_whole
 from slmkit.load import find_base, load
+from slmkit.runtime import Runtime
 from slmkit.pipeline.config import EvaluateStage, ExportStage
 from slmkit.pipeline.measure import speed_cells, task_cells
 
@@ -52,6 +53,10 @@ def _adapter_files(adapter: str, cfg: ExportStage, name: str, out: Path, log: Lo
     return {"lora_gguf": str(lora), "base_gguf": str(base_gguf)}
 
 
+def on_llamacpp(runtime: Runtime) -> Runtime:
+    return dataclasses.replace(runtime, engine="llamacpp")
+
+
 def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage | None, task: str | None,
                       out: Path, stage: str) -> tuple[dict | None, list[dict]]:
     """(a report row for the final GGUF run by llama.cpp, answers to held-out questions), or
@@ -61,10 +66,11 @@ def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage |
     row: dict = {"stage": f"{stage} (GGUF {cfg.gguf.type.upper()}, llama.cpp)", "model": outputs["gguf"]}
     if evaluate is not None and task:
         job = dataclasses.replace(evaluate.eval, model=outputs["gguf"], tasks=task, limit=evaluate.task_limit,
-                                  engine="llamacpp", output=str(out / "gguf-task.json"))
+                                  runtime=on_llamacpp(evaluate.eval.runtime), output=str(out / "gguf-task.json"))
         row.update(task_cells(task, run_eval(job)))
     if evaluate is not None and evaluate.bench is not None:
-        row.update(speed_cells(outputs["gguf"], dataclasses.replace(evaluate.bench, engine="llamacpp")))
+        bench = dataclasses.replace(evaluate.bench, runtime=on_llamacpp(evaluate.bench.runtime))
+        row.update(speed_cells(outputs["gguf"], bench))
     answers = _answers(outputs, task, cfg.answers)
     return row, answers
 

@@ -32,6 +32,7 @@ from slmkit.errors import SlmError
 from slmkit.evals.api import default_data_dir
 from slmkit.evals.tasks import make_task
 from slmkit.interop.gguf import check_exportable
+from slmkit.interop.gguf_quants import BITS
 from slmkit.jobs.compress import check_pruning, check_quantize
 from slmkit.jobs.export import check_gguf
 from slmkit.load import inspect
@@ -203,7 +204,7 @@ def _check_export(config: dict, shape: ModelConfig, _flow):
     check_gguf(dataclasses.replace(cfg.gguf, model="final", out="final.gguf"))
     check_gguf(dataclasses.replace(cfg.gguf, model="base", type=cfg.adapter_base_type, out="base.gguf"))
     check_exportable(shape)
-    bits = {"f32": 32, "f16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5, "q4_k_m": 4.8}[cfg.gguf.type]
+    bits = BITS[cfg.gguf.type]
     disk = _params(shape) * (bits / 8 + (4 if cfg.hf else 0))
     return (60 * _scale(shape) + (200 if cfg.check else 0) * _scale(shape), disk, 3 * 4 * _params(shape),
             cfg.gguf.type), shape

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slmkit.errors import SlmError
+from slmkit.runtime import Runtime
 
 
 @dataclass
@@ -44,16 +45,8 @@ class ServeConfig:
     """seconds a request may take in all"""
     # Batched decoding reads each weight once per step for the whole batch; on CPUs without bf16 units
     # the bf16 weights would be converted to fp32 at every multi-row step, which costs more than it saves.
-    dtype: str = field(default="float32", metadata={"choices": ("bfloat16", "float32")})
-    """weight precision in memory (float32: fastest batched decoding on CPUs without bf16 units; bfloat16: half the memory)"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-    context: int | None = None
-    """maximum tokens per request, prompt included (default: the model's own limit; 2048 on the llama.cpp engine, which reserves every sequence's cache up front)"""
-    engine: str = field(default="auto", metadata={"choices": ("auto", "torch", "llamacpp")})
-    """llamacpp exports each model to GGUF once (cached) and decodes in llama.cpp, ~4x faster on a CPU; torch is slmkit's PyTorch engine (the reference); auto: llamacpp when installed and the model exports to GGUF"""
-    gguf_type: str = field(default="q8_0", metadata={"choices": ("q8_0", "q4_0", "q4_k_m", "f16")})
-    """GGUF type of the export the llamacpp engine runs (a GGUF model runs as it is)"""
+    runtime: Runtime = field(default_factory=lambda: Runtime(dtype="float32"))
+    """how the models run (float32 by default: the fastest batched decoding on CPUs without bf16 units)"""
     router: RouterConfig = field(default_factory=RouterConfig)
     """hybrid routing under the model name 'auto' (off unless route is given)"""
 
@@ -62,3 +55,14 @@ class ServeConfig:
             raise SlmError(f"port {self.port} is outside 0..65535; give a free port such as 8000")
         if self.max_batch < 1 or self.max_queue < 1:
             raise SlmError("max_batch and max_queue must be at least 1")
+
+
+SERVE_EXAMPLES = """examples:
+  slm serve                                    # the bundled model on http://127.0.0.1:8000 (chat page at /)
+  slm serve small=runs/student/best big=smollm2-135m-instruct --api-key secret
+  slm serve --route local=runs/student/best --route remote=http://127.0.0.1:8001/v1,model=smollm2-135m-instruct
+
+Routing serves the model name 'auto': each request is answered by the local model unless the
+policy escalates it to the remote one (any OpenAI-compatible URL; key=ENV_VAR names the variable
+holding its API key). The answer's `slmkit_route` field and `x-slmkit-route` header say what happened.
+"""

@@ -54,9 +54,12 @@ class DistillConfig:
     """Student architecture when `student` is empty; vocab_size 0 = the teacher's."""
     kd: KDConfig = field(default_factory=KDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    """Continue the run in `out` from its last checkpoint (after a crash or a kill: the same steps as an uninterrupted run)."""
 
 
 def run(cfg: DistillConfig, resume: bool = False) -> TrainResult:
+    resume = resume or cfg.resume
     _check(cfg)
     info = dist.setup(cfg.train.device)
     tokenizer = Tokenizer.from_dir(cfg.data)

@@ -76,9 +76,12 @@ class FinetuneConfig:
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(method="int4", lm_head=False))
     """qlora: how the base is quantized when it is not already (the packed weights stay frozen)."""
     train: TrainConfig = field(default_factory=_train_defaults)
+    resume: bool = False
+    """Continue the run in `out` from its last checkpoint (after a crash or a kill: the same steps as an uninterrupted run)."""
 
 
 def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
+    resume = resume or cfg.resume
     if cfg.method not in METHODS:
         raise SlmError(f"unknown fine-tuning method '{cfg.method}' (choose from {', '.join(METHODS)})")
     info = dist.setup(cfg.train.device)

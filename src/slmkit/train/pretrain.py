@@ -35,6 +35,8 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture (HF field names); vocab_size 0 means the tokenizer's vocabulary size."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    """Continue the run in `out` from its last checkpoint (after a crash or a kill: the same steps as an uninterrupted run)."""
 
 
 def build_model(config: ModelConfig, tokenizer: Tokenizer, seq_len: int, init_seed: int) -> CausalLM:
@@ -54,6 +56,7 @@ def build_model(config: ModelConfig, tokenizer: Tokenizer, seq_len: int, init_se
 
 
 def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
+    resume = resume or cfg.resume
     if not cfg.data:
         raise SlmError("no data: set data=DIR (a directory made by `slm prepare`)")
     info = dist.setup(cfg.train.device)
