@@ -21,7 +21,7 @@ from slmkit.errors import SlmError
 from slmkit.infer import llamacpp
 from slmkit.interop.hf import save_hf
 from slmkit.load import random_model
-from slmkit.pipeline.run import Options, run_pipeline
+from slmkit.pipeline.run import PipelineJob, run_pipeline
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # widths that int4 group 32 and GGUF Q8_0 blocks divide; a context long enough for a task prompt
@@ -75,12 +75,12 @@ def whole(tmp_path_factory, base_dir, data_dir):
     """The uninterrupted run of the small recipe (no quantize/export), shared by the kill test."""
     tmp = tmp_path_factory.mktemp("whole")
     recipe = _recipe(tmp, base_dir, "whole", steps=160, full=False)
-    return recipe, run_pipeline(recipe, log=lambda *_: None)
+    return recipe, run_pipeline(PipelineJob(recipe), log=lambda *_: None)
 
 
 def test_pipeline_runs_then_skips_then_reruns_from_the_changed_stage(tmp_path, base_dir, data_dir):
     recipe = _recipe(tmp_path, base_dir, "s2d")
-    first = run_pipeline(recipe, log=lambda *_: None)
+    first = run_pipeline(PipelineJob(recipe), log=lambda *_: None)
     root = tmp_path / "s2d"
     assert [d.kind for d in first["stages"]] == ["base", "finetune", "quantize", "evaluate", "export"]
     assert all(_ran(first).values())
@@ -101,12 +101,12 @@ def test_pipeline_runs_then_skips_then_reruns_from_the_changed_stage(tmp_path, b
     assert (root / "report.html").is_file() and "06-finetune" in (root / "report.md").read_text()
     records = {p: p.stat().st_mtime_ns for p in root.glob("*/stage.json")}
 
-    again = run_pipeline(recipe, log=lambda *_: None)
+    again = run_pipeline(PipelineJob(recipe), log=lambda *_: None)
     assert not any(_ran(again).values())
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/stage.json")} == records
     assert _task_values(again) == _task_values(first)
 
-    changed = run_pipeline(recipe, ["finetune.train.lr=5e-3"], log=lambda *_: None)
+    changed = run_pipeline(PipelineJob(recipe, ["finetune.train.lr=5e-3"]), log=lambda *_: None)
     assert _ran(changed) == {"base": False, "finetune": True, "quantize": True, "evaluate": True, "export": True}
     cached = json.loads(next((root / "measured").glob("01-base-*.json")).read_text())["row"]
     assert cached["task"] == first["rows"][0]["task"]  # the base was not scored again
@@ -127,7 +127,7 @@ def test_kill_during_finetuning_then_rerun_ends_with_the_same_metrics(tmp_path, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "06-finetune" / "stage.json").exists()
-    resumed = run_pipeline(recipe, log=lambda *_: None)
+    resumed = run_pipeline(PipelineJob(recipe), log=lambda *_: None)
     assert _ran(resumed)["base"] is False and _ran(resumed)["finetune"] is True
     losses = [json.loads(line) for line in metrics.read_text().splitlines()]
     reference_losses = [json.loads(line) for line in
@@ -150,17 +150,17 @@ def test_kill_during_finetuning_then_rerun_ends_with_the_same_metrics(tmp_path, 
 def test_dry_run_refuses_bad_recipes_before_any_work(tmp_path, base_dir, data_dir, change, message):
     recipe = _recipe(tmp_path, base_dir, "bad", **change)
     with pytest.raises(SlmError, match=message.replace(".", r"\.")):
-        run_pipeline(recipe, options=Options(dry_run=True), log=lambda *_: None)
+        run_pipeline(PipelineJob(recipe, dry_run=True), log=lambda *_: None)
     assert not (tmp_path / "bad").exists()
 
 
 def test_dry_run_prints_the_plan_and_what_is_up_to_date(tmp_path, base_dir, data_dir, whole, capsys):
     recipe, _ = whole
-    plan = run_pipeline(recipe, options=Options(dry_run=True), log=print)["plan"]
+    plan = run_pipeline(PipelineJob(recipe, dry_run=True), log=print)["plan"]
     assert [s.kind for s in plan] == ["base", "finetune", "evaluate"] and all(s.up_to_date for s in plan)
-    changed = run_pipeline(recipe, ["finetune.train.lr=1e-3"], options=Options(dry_run=True))["plan"]
+    changed = run_pipeline(PipelineJob(recipe, ["finetune.train.lr=1e-3"], dry_run=True))["plan"]
     assert [s.up_to_date for s in changed] == [True, False, False]
-    assert changed[1].seconds > 0 and changed[1].peak_bytes > 0
+    assert changed[1].estimate.seconds > 0 and changed[1].estimate.peak_bytes > 0
     out = capsys.readouterr().out
     assert "06-finetune" in out and "would run" in out
 
@@ -170,5 +170,5 @@ def test_dry_run_prints_the_plan_and_what_is_up_to_date(tmp_path, base_dir, data
                                     for p in sorted((Path(__file__).parents[1] / "configs" / "pipeline").glob("*.yaml"))])
 def test_shipped_recipes_pass_the_dry_run(recipe, data_dir):
     path = Path(__file__).parents[1] / "configs" / "pipeline" / recipe
-    plan = run_pipeline(path, options=Options(dry_run=True), log=lambda *_: None)["plan"]
-    assert plan[0].kind == "base" and all(s.seconds >= 0 for s in plan)
+    plan = run_pipeline(PipelineJob(path, dry_run=True), log=lambda *_: None)["plan"]
+    assert plan[0].kind == "base" and all(s.estimate.seconds >= 0 for s in plan)

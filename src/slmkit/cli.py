@@ -34,7 +34,7 @@ class Verb:
     run: str  # "module:function": run(job) -> exit status (None or a non-int result: 0)
     help: str
     positional: tuple[str, ...] = ()  # settings taken as positional arguments, in order
-    epilog: str = ""  # the name of a string in the job's module: examples and notes, kept as written
+    epilog: str = ""  # "module:NAME" of a string: examples and notes, kept as written
     description: str = ""
 
 
@@ -54,18 +54,21 @@ VERBS = (
     Verb("convert", J + "export:ConvertJob", J + "export:run_convert",
          "convert between GGUF and Hugging Face directories", ("src", "dst")),
     Verb("quantize", J + "compress:QuantizeJob", J + "compress:run_quantize",
-         "int8 / int4 (RTN, GPTQ, AWQ) weights on packed CPU kernels", ("model",), "QUANTIZE_EXAMPLES"),
+         "int8 / int4 (RTN, GPTQ, AWQ) weights on packed CPU kernels", ("model",), J + "compress:QUANTIZE_EXAMPLES"),
     Verb("prune", J + "compress:PruneJob", J + "compress:run_prune", "remove weights: magnitude / Wanda / SparseGPT "
-         "(sparse or N:M), or structured width and depth pruning", ("model",), "PRUNE_NOTES"),
+         "(sparse or N:M), or structured width and depth pruning", ("model",), J + "compress:PRUNE_NOTES"),
     Verb("lowrank", J + "compress:LowRankJob", J + "compress:run_lowrank",
-         "low-rank factorization of the linears: plain or whitened SVD (SVD-LLM)", ("model",), "LOWRANK_NOTES"),
+         "low-rank factorization of the linears: plain or whitened SVD (SVD-LLM)", ("model",),
+         J + "compress:LOWRANK_NOTES"),
     Verb("eval", J + "evaluate:EvalJob", J + "evaluate:eval_verb",
-         "benchmark tasks (lm-evaluation-harness formats) or a text's perplexity", ("model",), "EVAL_EXAMPLES"),
+         "benchmark tasks (lm-evaluation-harness formats) or a text's perplexity", ("model",),
+         J + "evaluate:EVAL_EXAMPLES"),
     Verb("bench", J + "evaluate:BenchJob", J + "evaluate:bench_verb",
          "on-device latency and memory: TTFT, prefill and decode tokens/s, peak memory", ("models",),
-         "BENCH_EXAMPLES"),
+         J + "evaluate:BENCH_EXAMPLES"),
     Verb("serve", "slmkit.serve.config:ServeConfig", "slmkit.serve.run:serve",
-         "an OpenAI-compatible server (continuous batching, router, chat page at /)", ("models",), "SERVE_EXAMPLES"),
+         "an OpenAI-compatible server (continuous batching, router, chat page at /)", ("models",),
+         "slmkit.serve.config:SERVE_EXAMPLES"),
     Verb("route-eval", J + "route_eval:RouteEvalJob", J + "route_eval:route_eval_verb",
          "quality vs share escalated of the confidence router on a labelled set",
          description="Score a local and a remote model on a multiple-choice task and report, for each confidence "
@@ -98,9 +101,9 @@ VERBS = (
          ("run",)),
     Verb("demo", "slmkit.pipeline.verb:DemoJob", "slmkit.pipeline.verb:run_demo",
          "the whole path on the bundled model in under 10 minutes (slm pipeline configs/pipeline/demo.yaml)"),
-    Verb("pipeline", "slmkit.pipeline.verb:PipelineJob", "slmkit.pipeline.verb:run_pipeline_verb",
+    Verb("pipeline", "slmkit.pipeline.run:PipelineJob", "slmkit.pipeline.verb:run_pipeline_verb",
          "base -> prune/distill -> fine-tune -> quantize -> evaluate -> export -> serve from one YAML recipe, "
-         "resumable, with a report page", ("recipe", "overrides"), "PIPELINE_EXAMPLES"),
+         "resumable, with a report page", ("recipe", "overrides"), "slmkit.pipeline.verb:PIPELINE_EXAMPLES"),
 )
 BY_NAME = {verb.name: verb for verb in VERBS}
 GROUPS = {"export": "write a model for other runtimes (GGUF for llama.cpp / ollama)", "tokenizer": "tokenizer tools"}
@@ -143,7 +146,7 @@ def _add_settings(p: argparse.ArgumentParser, verb: Verb) -> None:
     job = _attr(verb.job)
     add_config_arguments(p, job, verb.positional)
     if verb.epilog:
-        p.epilog = getattr(sys.modules[job.__module__], verb.epilog)
+        p.epilog = _attr(verb.epilog)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,6 +232,8 @@ def _split_type(item: Any, choices=None):
 
     def parse(text: str) -> list:
         values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"'{text}' holds no value; give at least one (comma-separated)")
         for value in values:
             if choices and value not in choices:
                 raise argparse.ArgumentTypeError(f"'{value}' is not one of {', '.join(map(str, choices))}")

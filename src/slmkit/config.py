@@ -174,6 +174,8 @@ def _coerce(hint: Any, value: Any, where: str, root: type, prog: str | None) -> 
         if len(errors) == 1:  # `T | None`: T's own error says more
             raise errors[0]
         raise SlmError(f"config '{where}': {value!r} is not a valid {_hint_name(hint)}")
+    if value is None and (hint is str or origin is list):  # `key=` clears a text or a list setting
+        return "" if hint is str else []
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where, root, prog)
     if origin in (list, tuple):  # YAML has no tuples, so a list is read into a tuple[T, ...]
@@ -261,7 +263,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (`x: int = 1` then `\"\"\"doc\"\"\"`),
-    or the comment on the field's line (`x: int = 1  # doc`)."""
+    or the comment on the field's line (`x: int = 1  # doc`); a subclass inherits its bases' docs."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return {**docs, **_own_field_docs(cls)}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -27,6 +27,14 @@ def write_json(file: Path, data) -> None:
     atomic_write(file, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def read_json(file: Path):
+    """The JSON in `file`, or None when it is missing or half-written (a record of work not finished)."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def partial_dir(path: Path) -> Path:
     """An empty PATH.partial directory to build `path` in (a leftover of a crashed run is removed)."""
     partial = path.with_name(path.name + ".partial")

@@ -170,6 +170,7 @@ PRESETS: dict[str, Preset] = {
 # Aliases that resolve to weights shipped with slmkit's dependencies.
 BUNDLED = {"smollm2-135m-instruct": "smollm2-135m"}
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the bundled GGUF: default teacher, base and chat model
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # a model card's base_model for a bundled name
 
 
 def get_preset(name: str) -> Preset:

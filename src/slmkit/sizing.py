@@ -74,8 +74,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def human_count(n: int) -> str:
+def human_count(n: float, digits: int = 2) -> str:
+    """134515008 -> "134.52M" (digits=1: "134.5M", the precision model sizes are quoted in)."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:.0f}"

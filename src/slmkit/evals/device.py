@@ -22,6 +22,7 @@ from pathlib import Path
 
 from slmkit.config import from_dict
 from slmkit.errors import SlmError
+from slmkit.plots import save_png, scatter
 from slmkit.runtime import Runtime, use_threads
 
 # Real shapes only (the tiny test configs would squash the plot), from 135M to 1.5B, several families at similar sizes, so the sweep shows what the architecture
@@ -44,6 +45,15 @@ class BenchSettings:
     """seed of the random prompt tokens"""
     runtime: Runtime = field(default_factory=lambda: Runtime(engine="torch", dtype="float32"))
     """the runtime measured (presets, which have random weights, always run on torch)"""
+
+    def check(self, context: int | None = None, name: str = "bench") -> None:
+        """Refuse bad settings in one line, before any work; with `context` (the model's, in
+        tokens), also a prompt and generation that would not fit."""
+        if not self.batches or min(self.batches) < 1 or self.runs < 1 or self.prompt_tokens < 1 or self.new_tokens < 2:
+            raise SlmError(f"{name}: batch sizes and runs must be >= 1, prompt_tokens >= 1 and new_tokens >= 2")
+        if context is not None and self.prompt_tokens + self.new_tokens > context:
+            raise SlmError(f"{name}: {self.prompt_tokens} + {self.new_tokens} tokens exceed the model's "
+                           f"{context}-token context")
 
 
 @dataclass
@@ -78,9 +88,7 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
         engine, result = _torch_engine(spec, settings)
     result.load_s = time.perf_counter() - started
     context = engine.max_seq_len if result.engine == "llamacpp" else engine.config.max_position_embeddings
-    if settings.prompt_tokens + settings.new_tokens > context:
-        raise SlmError(f"{spec}: {settings.prompt_tokens} + {settings.new_tokens} tokens exceed its "
-                       f"{context}-token context")
+    settings.check(context, spec)
     generator = torch.Generator().manual_seed(settings.seed)
     params = SamplingParams(max_new_tokens=settings.new_tokens)  # no stop tokens: always the full count
     vocab = engine.config.vocab_size
@@ -177,11 +185,9 @@ def bench_table(results: list[ModelBench], settings: BenchSettings):
 
 def sweep_plot(results: list[ModelBench], path: Path) -> Path:
     """Decode tokens/s (batch 1 or the first batch measured) against parameters, one point per model."""
-    from slmkit.evals.report import scatter_plot
-
     points = [(r.params / 1e6, next(iter(r.batches.values()))["decode_tok_s"]["median"], r.model) for r in results]
-    return scatter_plot(points, "parameters (millions, log scale)", "decode tokens/s", path, log_x=True,
-                        title="Latency is not only parameter count: depth, width, GQA, vocabulary")
+    return save_png(scatter(points, "parameters (millions, log scale)", "decode tokens/s", log_x=True,
+                            title="Latency is not only parameter count: depth, width, GQA, vocabulary"), path)
 
 
 if __name__ == "__main__":  # worker: python -m slmkit.evals.device SPEC SETTINGS_JSON

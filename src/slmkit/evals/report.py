@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.plots import save_png, scatter
 
 PRIMARY = ("acc_norm", "acc", "exact_match_flexible", "pass@1")  # the metric a task is summarised by
 
@@ -32,8 +33,11 @@ class Variant:
         return statistics.fmean(self.scores.values()) if self.scores else None
 
 
-def _primary(metrics: dict) -> float | None:
-    return next((metrics[m] for m in PRIMARY if m in metrics), None)
+def primary_metric(metrics: dict, any_metric: bool = False) -> str | None:
+    """The metric a task is summarised by: the first of PRIMARY it has (with `any_metric`, else its
+    first metric: ROUGE, perplexity)."""
+    name = next((m for m in PRIMARY if m in metrics), None)
+    return name or (next((m for m in metrics if not m.endswith("_stderr")), None) if any_metric else None)
 
 
 def collect(paths: list[Path]) -> dict[str, Variant]:
@@ -62,7 +66,7 @@ def collect(paths: list[Path]) -> dict[str, Variant]:
             if "perplexity" in doc:
                 v.perplexity = doc["perplexity"]["perplexity"]
             for r in doc.get("results", []):
-                score = _primary(r["metrics"])
+                score = r["metrics"].get(primary_metric(r["metrics"]))
                 if score is not None:
                     v.scores[f"{r['task']} ({r['shots']}-shot)"] = score
         else:
@@ -125,30 +129,4 @@ def _plot(variants: dict[str, Variant], out_dir: Path, x: str, y: str, xlabel: s
           name: str) -> Path | None:
     points = [(getattr(v, x), getattr(v, y), v.name) for v in variants.values()
               if getattr(v, x) is not None and getattr(v, y) is not None]
-    return scatter_plot(points, xlabel, ylabel, out_dir / name) if points else None
-
-
-def scatter_plot(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, path: Path,
-                 title: str | None = None, log_x: bool = False) -> Path:
-    """One labelled point per (x, y, label), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for px, py, label in points:
-        ax.scatter(px, py)
-        ax.annotate(label, (px, py), fontsize=8, textcoords="offset points", xytext=(4, 4))
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(scatter(points, xlabel, ylabel), out_dir / name) if points else None

@@ -161,8 +161,7 @@ def bench_verb(job: BenchJob) -> None:
 def check_bench(job: BenchJob) -> list[str]:
     """The models to measure; bad settings are refused before any process starts."""
     s = job.settings
-    if not s.batches or min(s.batches) < 1 or s.runs < 1 or s.prompt_tokens < 1 or s.new_tokens < 2:
-        raise SlmError("batch sizes and runs must be >= 1, prompt_tokens >= 1 and new_tokens >= 2")
+    s.check()
     models = list(dict.fromkeys(job.models + (list(SWEEP_PRESETS) if job.sweep else [])))
     if s.runtime.engine == "llamacpp":
         for spec in models:  # a missing extra or an architecture without weights: one line, before any process

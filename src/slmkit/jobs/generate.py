@@ -140,7 +140,10 @@ def output_format(job: GenerateJob) -> OutputFormat | None:
     if len(given) > 1:
         raise SlmError(f"{given[1]} is not allowed with {given[0]}: give one structured-output setting")
     if job.choices:
-        return OutputFormat("choices", choices=tuple(c.strip() for c in job.choices if c.strip()))
+        labels = tuple(c.strip() for c in job.choices if c.strip())
+        if not labels:
+            raise SlmError("--choices holds no label; give the answers to choose from, e.g. --choices yes,no")
+        return OutputFormat("choices", choices=labels)
     if job.json:
         return OutputFormat("json_object")
     if job.json_schema is None:

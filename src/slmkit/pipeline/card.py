@@ -17,7 +17,8 @@ import yaml
 
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
-from slmkit.pipeline.report import human_params, markdown_table
+from slmkit.pipeline.report import markdown_table
+from slmkit.sizing import human_count
 
 TAGS = ["slmkit", "small-language-model"]
 
@@ -71,7 +72,7 @@ def _fence(text: str, lang: str) -> str:
 
 
 def _summary(name: str, base_model: str, rows: list[dict], row: dict) -> list[str]:
-    facts = [f"{human_params(row['params'])} parameters" if row.get("params") else "",
+    facts = [f"{human_count(row['params'], 1)} parameters" if row.get("params") else "",
              f"{row['file_mib']:.1f} MiB on disk" if row.get("file_mib") is not None else ""]
     task = row.get("task") or {}
     if task.get("value") is not None:

@@ -15,6 +15,7 @@ section is refused, so a recipe cannot point a stage somewhere else by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slmkit.data.prepare import PrepareConfig
 from slmkit.evals.device import BenchSettings
@@ -97,10 +98,19 @@ class PipelineConfig:
     """print the `slm serve` command for the final model (start it with --serve)"""
 
 
-# Stage kinds in the order they run, each with a fixed number: its directory is runs/<name>/NN-kind,
-# the same whatever other stages a recipe turns on or off.
-STAGES = ("base", "prepare", "prune", "lowrank", "distill", "finetune", "quantize", "evaluate", "export", "serve")
+@dataclass
+class Recipe:
+    """A read recipe: its config, what the user wrote (which keys are set, not defaulted) and its text."""
 
-# Fields each section may not set: the pipeline joins the stages through them.
-JOINED = {"prepare": ("out",), "prune": ("model", "out"), "lowrank": ("model", "out"),
-          "distill": ("student", "out", "resume"), "finetune": ("base", "out", "resume"), "quantize": ("model", "out")}
+    cfg: PipelineConfig
+    raw: dict  # the recipe as written (overrides applied)
+    text: str  # the YAML as written, for the model card
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.out or Path("runs") / self.cfg.name)
+
+    def written(self, kind: str, key: str) -> bool:
+        """Whether the recipe itself sets `key` in section `kind` (as opposed to a default)."""
+        section = self.raw.get(kind)
+        return isinstance(section, dict) and key in section

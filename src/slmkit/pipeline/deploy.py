@@ -29,6 +29,10 @@ from slmkit.pipeline.measure import speed_cells, task_cells
 Log = Callable[[str], object]
 
 
+def on_llamacpp(runtime: Runtime) -> Runtime:
+    return dataclasses.replace(runtime, engine="llamacpp")
+
+
 def export_files(final: str, finetune_dir: str | None, cfg: ExportStage, name: str, out: Path, log: Log) -> dict:
     """Write the deployable files; returns their paths (and why an adapter file was not written)."""
     outputs: dict = {"model": final}
@@ -53,10 +57,6 @@ def _adapter_files(adapter: str, cfg: ExportStage, name: str, out: Path, log: Lo
     return {"lora_gguf": str(lora), "base_gguf": str(base_gguf)}
 
 
-def on_llamacpp(runtime: Runtime) -> Runtime:
-    return dataclasses.replace(runtime, engine="llamacpp")
-
-
 def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage | None, task: str | None,
                       out: Path, stage: str) -> tuple[dict | None, list[dict]]:
     """(a report row for the final GGUF run by llama.cpp, answers to held-out questions), or
@@ -78,32 +78,32 @@ def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage |
 def _answers(outputs: dict, task: str | None, count: int) -> list[dict]:
     """Held-out test questions of the task answered greedily by the final GGUF (and by base +
     adapter, when there is one) in llama.cpp."""
-    if not count or not task or task not in TASKS:
-        return []
-    examples = task_data(task).test[:count]
     runtimes = {"final GGUF": runtime_files(outputs["gguf"])}  # a GGUF runs as it is: no export
     if "lora_gguf" in outputs:
         runtimes["base GGUF + llama.cpp adapter"] = dataclasses.replace(
             runtime_files(outputs["base_gguf"]), lora=Path(outputs["lora_gguf"]))
-    generators = {label: TextGenerator(None, files.tokenizer, engine=LlamaCppEngine.for_files(files, 1024))
-                  for label, files in runtimes.items()}
-    return answer_questions(examples, generators)
+    return answer_questions(task, count, lambda: {
+        label: TextGenerator(None, files.tokenizer, engine=LlamaCppEngine.for_files(files, 1024))
+        for label, files in runtimes.items()})
 
 
 def answers_in_torch(model: str, task: str | None, count: int) -> list[dict]:
     """The same questions answered by the final model on slmkit's torch engine (no llama.cpp here)."""
+    def generators() -> dict[str, TextGenerator]:
+        loaded = load(model, dtype=torch.float32, merge=True)
+        return {"final model": TextGenerator(loaded.model, loaded.tokenizer)}
+    return answer_questions(task, count, generators)
+
+
+def answer_questions(task: str | None, count: int, generators: Callable[[], dict[str, TextGenerator]]) -> list[dict]:
+    """Each generator's greedy reply to the last user turn of the task's first `count` test examples,
+    beside the expected answer (none for a task without chat examples: the models are not loaded)."""
     if not count or not task or task not in TASKS:
         return []
-    loaded = load(model, dtype=torch.float32, merge=True)
-    return answer_questions(task_data(task).test[:count], {"final model": TextGenerator(loaded.model, loaded.tokenizer)})
-
-
-def answer_questions(examples: list, generators: dict[str, TextGenerator]) -> list[dict]:
-    """Each generator's greedy reply to each example's last user turn, beside the expected answer."""
-    answers = []
-    for example in examples:
+    answers, models = [], generators()
+    for example in task_data(task).test[:count]:
         answer = {"question": example.messages[-2]["content"], "expected": example.messages[-1]["content"]}
-        for label, generator in generators.items():
+        for label, generator in models.items():
             answer[label] = generator.chat(example.messages[:-1], SamplingParams(max_new_tokens=48)).text.strip()
         answers.append(answer)
     return answers

@@ -17,17 +17,12 @@ from typing import Callable
 
 from slmkit.config import to_dict
 from slmkit.evals.device import BenchSettings, measure
-from slmkit.evals.report import PRIMARY
-from slmkit.fileio import write_json
-from slmkit.jobs.evaluate import EvalJob, run_eval
+from slmkit.evals.report import primary_metric
+from slmkit.fileio import read_json, write_json
+from slmkit.jobs.evaluate import run_eval
 from slmkit.pipeline.config import EvaluateStage
 
 Log = Callable[[str], object]
-
-
-def task_of(stage: EvaluateStage, finetune_task: str | None) -> str | None:
-    """The task whose own metric the report leads with: the recipe's, else the fine-tuning task."""
-    return stage.task or finetune_task or None
 
 
 def evaluate_models(models: dict[str, str], fingerprints: dict[str, str], stage: EvaluateStage,
@@ -39,35 +34,33 @@ def evaluate_models(models: dict[str, str], fingerprints: dict[str, str], stage:
     for name, model in models.items():
         key = hashlib.sha256(f"{fingerprints[name]}\0{settings}".encode()).hexdigest()
         cache = kept / f"{name}-{key[:16]}.json"
-        cached = _read(cache)
-        if cached is not None and cached.get("key") == key:
+        cached = read_json(cache)
+        if cached is None or cached.get("key") != key:
+            log(f"  {name}: measuring {model}")
+            cached = {"key": key, "row": measure_model(name, model, stage, task, out)}
+            write_json(cache, cached)
+        else:
             log(f"  {name}: measured before (kept)")
-            rows.append(cached["row"])
-            continue
-        log(f"  {name}: measuring {model}")
-        row = measure_model(name, model, stage.eval, stage.bench, task, stage.task_limit, stage.general,
-                            stage.general_limit, out)
-        write_json(cache, {"key": key, "row": row})
-        rows.append(row)
+        rows.append(cached["row"])
     return rows
 
 
-def measure_model(name: str, model: str, job: EvalJob, bench: BenchSettings | None, task: str | None,
-                  task_limit: int | None, general: list[str], general_limit: int | None, out: Path) -> dict:
+def measure_model(name: str, model: str, stage: EvaluateStage, task: str | None, out: Path) -> dict:
     """One report row: quality on the task and the general tasks, then speed and memory."""
     row: dict = {"stage": name, "model": model}
+
+    def score(tasks: str, limit: int | None, part: str) -> dict:
+        return run_eval(dataclasses.replace(stage.eval, model=model, tasks=tasks, limit=limit,
+                                            output=str(out / f"{name}-{part}.json")))
     if task:
-        doc = run_eval(dataclasses.replace(job, model=model, tasks=task, limit=task_limit,
-                                           output=str(out / f"{name}-task.json")))
-        row.update(task_cells(task, doc))
-    if general:
-        doc = run_eval(dataclasses.replace(job, model=model, tasks=",".join(general), limit=general_limit,
-                                           output=str(out / f"{name}-general.json")))
+        row.update(task_cells(task, score(task, stage.task_limit, "task")))
+    if stage.general:
+        doc = score(",".join(stage.general), stage.general_limit, "general")
         row["general"] = {r["task"]: _primary(r["metrics"]) for r in doc["results"]}
         row.setdefault("params", doc["model_info"]["params"])
         row.setdefault("file_mib", doc["model_info"]["file_mib"])
-    if bench is not None:
-        row.update(speed_cells(model, bench))
+    if stage.bench is not None:
+        row.update(speed_cells(model, stage.bench))
     return row
 
 
@@ -82,9 +75,7 @@ def task_cells(task: str, doc: dict) -> dict:
 
 
 def _primary(metrics: dict) -> dict:
-    """{"metric", "value"}: the metric a task is summarised by (as `slm report` picks it)."""
-    name = next((m for m in PRIMARY if m in metrics), None) or next(
-        m for m in metrics if not m.endswith("_stderr"))
+    name = primary_metric(metrics, any_metric=True)  # as `slm report` picks it
     return {"metric": name, "value": metrics[name]}
 
 
@@ -96,10 +87,3 @@ def speed_cells(model: str, bench: BenchSettings) -> dict:
     return {"params": result.params, "file_mib": result.file_mib, "peak_rss_mib": result.peak_mib,
             "prefill_tps": batch["prefill_tok_s"]["median"], "decode_tps": batch["decode_tok_s"]["median"],
             "engine": result.engine}
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -13,7 +13,6 @@ This module measures nothing and reads no model: rows come from the pipeline's e
 from __future__ import annotations
 
 import html
-import io
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ from pathlib import Path
 
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
-from slmkit.train.plot import read_metrics, smooth
+from slmkit.sizing import human_count
+from slmkit.plots import inline_svg, loss_curves, save_png, scatter
+from slmkit.train.plot import read_metrics
 
 MISSING = "–"  # what an absent value shows as, in both views
 
@@ -43,14 +44,8 @@ figure svg { max-width: 100%; height: auto; }
 
 # --- cell formatting -----------------------------------------------------------------------------
 
-def human_params(n: float | None) -> str:
-    """134515008 -> "134.5M": the precision people quote model sizes in."""
-    if n is None:
-        return MISSING
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
+def _params(n: float | None) -> str:
+    return MISSING if n is None else human_count(n, 1)
 
 
 def _number(value: float | None, digits: int, unit: str = "") -> str:
@@ -101,21 +96,21 @@ def _columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, cell) for every column: the fixed ones, then one per task and per general benchmark,
     named after what the rows actually hold."""
     columns = [("stage", lambda r: str(r.get("stage") or MISSING)),
-               ("parameters", lambda r: human_params(r.get("params"))),
+               ("parameters", lambda r: _params(r.get("params"))),
                ("file size", lambda r: _number(r.get("file_mib"), 1, " MiB")),
                ("peak RSS", lambda r: _number(r.get("peak_rss_mib"), 0, " MiB")),
                ("prefill tok/s", lambda r: _number(r.get("prefill_tps"), 1)),
                ("decode tok/s", lambda r: _number(r.get("decode_tps"), 1))]
-    for task in _ordered(_task(r)["name"] for r in rows if _task(r).get("name")):
-        def pick(r: dict, task=task) -> dict:
-            return _task(r) if _task(r).get("name") == task else {}
-        header = f"{task} {_metric_name(rows, pick)}".strip()
-        columns.append((header, lambda r, pick=pick: _metric(pick(r).get("value"), pick(r).get("stderr"))))
-    for bench in _ordered(name for r in rows for name in _general(r)):
-        def pick(r: dict, bench=bench) -> dict:
-            return _general(r).get(bench, {})
-        header = f"{bench} {_metric_name(rows, pick)}".strip()
-        columns.append((header, lambda r, pick=pick: _metric(pick(r).get("value"), pick(r).get("stderr"))))
+    def task(name: str) -> Callable[[dict], dict]:
+        return lambda r: _task(r) if _task(r).get("name") == name else {}
+
+    def bench(name: str) -> Callable[[dict], dict]:
+        return lambda r: _general(r).get(name, {})
+    picks = [(name, task(name)) for name in _ordered(_task(r)["name"] for r in rows if _task(r).get("name"))]
+    picks += [(name, bench(name)) for name in _ordered(name for r in rows for name in _general(r))]
+    for name, pick in picks:
+        columns.append((f"{name} {_metric_name(rows, pick)}".strip(),
+                        lambda r, pick=pick: _metric(pick(r).get("value"), pick(r).get("stderr"))))
     columns += [("hallucination rate", lambda r: _percent(r.get("hallucination_rate"))),
                 ("wall time", lambda r: _duration(r.get("wall_s")))]
     return columns
@@ -200,11 +195,11 @@ def _quality_plot(rows: list[dict], id: str, title: str, x_key: str, xlabel: str
     points = _points(rows, x_key, quality)
     if not points:
         return Plot(id, title, skipped=f"skipped: no stage has both a quality score and {xlabel}")
-    return Plot(id, title, figure=_scatter(points, xlabel, ylabel, title))
+    return Plot(id, title, figure=scatter(points, xlabel, ylabel, title, path_line=True))
 
 
 def _curve_plot(stage: str, run: Path) -> Plot:
-    id, title = f"plot-curves-{_slug(stage)}", f"training curves: {stage}"
+    id, title = f"plot-curves-{_slug(stage)}", f"Training curves: {stage}"
     try:
         train, evals = read_metrics(Path(run))
     except SlmError as e:
@@ -212,7 +207,7 @@ def _curve_plot(stage: str, run: Path) -> Plot:
     train = [r for r in train if r.get("loss") is not None]
     if not train:
         return Plot(id, title, skipped=f"skipped: '{run}/metrics.jsonl' has no training steps")
-    return Plot(id, title, figure=_curves(train, evals, title))
+    return Plot(id, title, figure=loss_curves(train, evals, title))
 
 
 def _slug(text: str) -> str:
@@ -221,82 +216,15 @@ def _slug(text: str) -> str:
 
 
 def _plots(rows: list[dict], curves: dict[str, Path]) -> list[Plot]:
-    return [_quality_plot(rows, "plot-quality-size", "quality vs file size", "file_mib", "file size (MiB)"),
-            _quality_plot(rows, "plot-quality-speed", "quality vs decode speed", "decode_tps", "decode tokens/s"),
+    return [_quality_plot(rows, "plot-quality-size", "Quality vs file size", "file_mib", "file size (MiB)"),
+            _quality_plot(rows, "plot-quality-speed", "Quality vs decode speed", "decode_tps", "decode tokens/s"),
             *(_curve_plot(stage, run) for stage, run in curves.items())]
-
-
-# --- drawing (matplotlib, Agg: no display needed) ------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _scatter(points: list[tuple[float, float, str, str]], xlabel: str, ylabel: str, title: str):
-    """One labelled point per stage, joined in stage order so the path through the pipeline shows."""
-    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
-    ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:gray", alpha=0.4, linewidth=1)
-    for x, y, label, colour in points:
-        ax.scatter(x, y, color=colour, zorder=3)
-        ax.annotate(label, (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
-    ax.margins(0.12)  # room for the labels of the outermost points
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def _curves(train: list[dict], evals: list[dict], title: str):
-    """Raw train loss faintly, smoothed train loss and validation loss on top (as `slm plot`)."""
-    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
-    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-    ax.plot(steps, smooth(losses), color="tab:blue", label="train (smoothed)")
-    evals = [r for r in evals if r.get("val_loss") is not None]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
-                label="validation")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def _svg(fig, id: str, label: str) -> str:
-    """The figure as an inline <svg> element with `id`. Its internal ids are prefixed with it: every
-    figure names its clip paths and groups alike, and in one HTML page the first would win."""
-    import matplotlib
-
-    buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": id}):  # text as <text>, no glyph defs
-        fig.savefig(buffer, format="svg")
-    svg = buffer.getvalue()
-    svg = svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE, which HTML does not take
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
-    svg = re.sub(r'\bid="([^"]+)"', rf'id="{id}-\1"', svg)
-    svg = re.sub(r'(url\(#|href="#)([^")]+)', rf"\1{id}-\2", svg)
-    return svg.replace("<svg", f'<svg id="{id}" role="img" aria-label="{html.escape(label)}"', 1)
-
-
-def _write_png(fig, file: Path) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(file, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 # --- the two pages -------------------------------------------------------------------------------
 
 LEGEND = f'Missing values show as "{MISSING}". Task and benchmark scores are value ± standard error.'
 ANSWERS = "Held-out questions, answered greedily"
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def _html_page(title: str, rows: list[dict], plots: list[Plot], svgs: dict[str, str], notes: list[str],
@@ -307,7 +235,7 @@ def _html_page(title: str, rows: list[dict], plots: list[Plot], svgs: dict[str, 
              f"<title>{esc(title)}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>",
              f"<h1>{esc(title)}</h1>", "<h2>Stages</h2>", _html(*stage_table(rows), "stages"), f"<p>{esc(LEGEND)}</p>"]
     for plot in plots:
-        parts.append(f"<h2>{esc(_capital(plot.title))}</h2>")
+        parts.append(f"<h2>{esc(plot.title)}</h2>")
         parts.append(f"<figure>{svgs[plot.id]}</figure>" if plot.id in svgs
                      else f'<p class="skipped" id="{plot.id}-skipped">{esc(plot.skipped)}</p>')
     if answers:
@@ -320,7 +248,7 @@ def _html_page(title: str, rows: list[dict], plots: list[Plot], svgs: dict[str, 
 def _markdown_page(title: str, rows: list[dict], plots: list[Plot], notes: list[str], answers: list[dict]) -> str:
     lines = [f"# {title}", "", markdown_table(rows), "", LEGEND, ""]
     for plot in plots:
-        lines += [f"## {_capital(plot.title)}", ""]
+        lines += [f"## {plot.title}", ""]
         lines += [f"![{plot.title}](plots/{plot.id}.png)" if plot.figure is not None else f"*{plot.skipped}*", ""]
     if answers:
         lines += [f"## {ANSWERS}", "", _markdown(*_answer_table(answers)), ""]
@@ -334,9 +262,8 @@ def _draw(plots: list[Plot], out_dir: Path) -> dict[str, str]:
     svgs = {}
     for plot in plots:
         if plot.figure is not None:
-            svgs[plot.id] = _svg(plot.figure, plot.id, plot.title)
-            _write_png(plot.figure, out_dir / "plots" / f"{plot.id}.png")
-            _pyplot().close(plot.figure)
+            svgs[plot.id] = inline_svg(plot.figure, plot.id, plot.title)
+            save_png(plot.figure, out_dir / "plots" / f"{plot.id}.png")
     return svgs
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmkit.fileio import file_sha256, write_json
+from slmkit.fileio import file_sha256, read_json, write_json
 from slmkit.load import resolve
 
 STARTED, FINISHED = "fingerprint.json", "stage.json"
@@ -97,7 +97,7 @@ class StageDir:
 
     def finished(self) -> dict | None:
         """The finished record, or None when the stage has not completed here."""
-        return _read(self.path / FINISHED)
+        return read_json(self.path / FINISHED)
 
     def is_done(self, fp: str) -> bool:
         record = self.finished()
@@ -106,7 +106,7 @@ class StageDir:
     def begin(self, fp: str, config: dict) -> bool:
         """Prepare the directory for work on `fp`; True when it holds unfinished work of the same
         fingerprint (a killed run), which a training stage continues."""
-        started = _read(self.path / STARTED)
+        started = read_json(self.path / STARTED)
         if started is not None and started.get("fingerprint") == fp and self.finished() is None:
             return True
         self.restart(fp, config)
@@ -120,14 +120,7 @@ class StageDir:
         write_json(self.path / STARTED, {"fingerprint": fp, "config": config})
 
     def started(self) -> dict | None:
-        return _read(self.path / STARTED)
+        return read_json(self.path / STARTED)
 
     def finish(self, fp: str, record: dict) -> None:
         write_json(self.path / FINISHED, {"fingerprint": fp, **record})
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -5,68 +5,61 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from slmkit.errors import SlmError
-from slmkit.pipeline.run import Options, run_pipeline
-from slmkit.pipeline.summary import print_summary
+from slmkit.pipeline.report import stage_table
+from slmkit.pipeline.run import PipelineJob, run_pipeline
 from slmkit.runtime import use_threads
 
 
 @dataclass
-class PipelineJob:
-    recipe: str = ""
-    """pipeline YAML, e.g. configs/pipeline/symptom2disease.yaml"""
-    overrides: list[str] = field(default_factory=list, metadata={"metavar": "key=value"})
-    """settings that override the recipe's (nested with dots, e.g. finetune.train.lr=5e-4)"""
-    from_stage: str | None = field(default=None, metadata={"flag": "--from", "metavar": "STAGE"})
-    """redo STAGE and every stage after it"""
-    only: str | None = field(default=None, metadata={"metavar": "STAGE"})
-    """redo STAGE alone (the stages before it must be done)"""
-    dry_run: bool = False
-    """print the plan (what runs, time, disk, peak memory) and check every stage's settings and inputs; do no work"""
-    serve: bool = False
-    """start `slm serve` on the final model at the end"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-
-
-@dataclass
-class DemoJob:
+class DemoJob(PipelineJob):
     recipe: str = "configs/pipeline/demo.yaml"
-    """the pipeline recipe `slm demo` runs (`make demo`: the bundled model fine-tuned, quantized, evaluated and exported in under 10 minutes)"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
-
-
-def run_pipeline_verb(job: PipelineJob) -> int:
-    if not job.recipe:
-        raise SlmError("give the pipeline RECIPE (a YAML file, e.g. configs/pipeline/symptom2disease.yaml)")
-    if job.from_stage and job.only:
-        raise SlmError("give --from or --only, not both")
-    options = Options(from_stage=job.from_stage, only=job.only, dry_run=job.dry_run, serve=job.serve)
-    return _run(job.recipe, job.overrides, job.threads, options)
+    """the pipeline recipe `slm demo` runs (`make demo`: the bundled model fine-tuned, quantized, evaluated and
+    exported in under 10 minutes)"""
 
 
 def run_demo(job: DemoJob) -> int:
     if not Path(job.recipe).is_file():
         raise SlmError(f"the demo recipe '{job.recipe}' is not here; run `slm demo` from the slmkit checkout "
                        "(or give recipe=PATH)")
-    return _run(job.recipe, [], job.threads, Options())
+    return run_pipeline_verb(job)
 
 
-def _run(recipe: str, overrides: list[str], threads: int | None, options: Options) -> int:
-    use_threads(threads)
-    result = run_pipeline(recipe, overrides, options)
-    if options.dry_run:
+def run_pipeline_verb(job: PipelineJob) -> int:
+    use_threads(job.threads)
+    result = run_pipeline(job)
+    if job.dry_run:
         return 0
     print_summary(result["rows"], result["answers"])
     print(f"report: {result['report']} (and {result['markdown']})")
-    if options.serve:
+    if job.serve:
         command = result.get("serve") or ["slm", "serve", result["final"]]
         os.execv(sys.executable, [sys.executable, "-m", "slmkit.cli", *command[1:]])
     return 0
+
+
+def print_summary(rows: list[dict], answers: list[dict]) -> None:
+    """The report's stage table in the terminal, then the final model's answers to held-out questions."""
+    console, (headers, cells) = Console(), stage_table(rows)
+    table = Table(title="what each stage did (held-out rows only)")
+    for header in headers:
+        table.add_column(header, justify="left" if header == "stage" else "right")
+    for row in cells:
+        table.add_row(*map(escape, row))  # a stage or task name is text, not markup
+    console.print(table)
+    for answer in answers:
+        console.print(f"[bold cyan]user>[/] {escape(answer['question'])}")
+        for label, text in answer.items():
+            if label not in ("question", "expected"):
+                console.print(f"[bold]{escape(label)}>[/] {escape(text)}")
+        console.print(f"[dim](answer in the data: {escape(answer['expected'])})[/]")
 
 
 PIPELINE_EXAMPLES = """examples:

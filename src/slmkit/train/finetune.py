@@ -33,6 +33,7 @@ from slmkit.compress.quant.quantize import (
     QuantConfig,
     quant_section,
     quantize_model,
+    targets,
 )
 from slmkit.config import to_dict
 from slmkit.data.calibration import calibration_ids
@@ -80,12 +81,37 @@ class FinetuneConfig:
     """Continue the run in `out` from its last checkpoint (after a crash or a kill: the same steps as an uninterrupted run)."""
 
 
-def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
-    resume = resume or cfg.resume
+def check_finetune(cfg: FinetuneConfig, model=None) -> tuple[list, list]:
+    """Every setting, before any work (the verb and the pipeline's dry run both call this): the
+    method, the data (read and split: an unknown task or missing file fails here), and -- given the
+    base's shape (a `meta` model is enough) -- the adapter's targets and rank and qlora's
+    quantization. Returns the (train, validation) examples."""
     if cfg.method not in METHODS:
         raise SlmError(f"unknown fine-tuning method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    examples = finetune_examples(cfg.data)
+    if model is not None:
+        check_adapter(cfg, model)
+    return examples
+
+
+def adapter_config(cfg: FinetuneConfig) -> LoraConfig:
+    return LoraConfig(**{**to_dict(cfg.lora), "dora": cfg.lora.dora or cfg.method == "dora"})
+
+
+def check_adapter(cfg: FinetuneConfig, model) -> None:
+    """The adapter's targets and rank fit the base, and qlora's quantization its widths."""
+    if cfg.method == "full":
+        return
+    lora = adapter_config(cfg)
+    check_rank(model, resolve_targets(model, lora.targets), lora.r)
+    if cfg.method == "qlora" and not model.config.quantization:
+        targets(model, cfg.quant)
+
+
+def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
+    resume = resume or cfg.resume
+    train_examples, val_examples = check_finetune(cfg)  # bad settings and data fail before the model loads
     info = dist.setup(cfg.train.device)
-    train_examples, val_examples = finetune_examples(cfg.data)  # bad data fails before the model loads
     loaded = load(cfg.base, dtype=torch.float32, merge=True)  # an adapter base is folded in: train on top of it
     if lora_layers(loaded.model):
         raise SlmError(f"the base '{cfg.base}' is an adapter over a quantized model; merge it first (`slm merge`)")
@@ -119,8 +145,8 @@ def prepare_model(cfg: FinetuneConfig, model, tokenizer, info):
             raise SlmError("full fine-tuning needs float weights; adapt a quantized base with method=qlora")
         return model, HF_FILES
     base = cfg.base if not Path(cfg.base).exists() else str(Path(cfg.base).resolve())
-    lora = LoraConfig(**{**to_dict(cfg.lora), "dora": cfg.lora.dora or cfg.method == "dora"})
-    check_rank(model, resolve_targets(model, lora.targets), lora.r)  # before quantizing: fail before work
+    lora = adapter_config(cfg)
+    check_adapter(cfg, model)  # before quantizing: fail before work
     if cfg.method == "qlora" and info.device.type != "cpu":
         raise SlmError("qlora trains over slmkit's packed int4/int8 CPU kernels; set train.device=cpu "
                        "(on a GPU, method=lora needs no quantized base)")
