@@ -156,7 +156,7 @@ def test_teacher_cache_matches_the_online_teacher_and_is_reused(tmp_path, story_
     assert "reusing" in logs[-1] and again.meta == cache.meta
     with pytest.raises(SlmError, match="other settings"):
         open_or_build(tmp_path / "cache", teacher, stream, 32, 6, 16, {"teacher": "t"}, log=logs.append)
-    assert not (tmp_path / "cache.tmp").exists()
+    assert not (tmp_path / "cache.partial").exists()
 
 
 # -- the recipe -----------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Writing files and directories so that a crash never leaves half of one under the real name.
 
-`atomic_write` writes a file through a temporary name and renames it; `write_json` does that for
-JSON; `replace_dir` moves a finished directory into place (an older one there is swapped out at
-the very end). Everything that slmkit saves goes through these three.
+`atomic_write` writes a file through a temporary name and renames it (`write_text`, `write_json`
+and `write_yaml` for text); a directory is built in `partial_dir(path)` and moved into place by
+`replace_dir` (an older one there is swapped out at the very end); `point` moves a symlink in one
+rename. Everything slmkit saves goes through these. Files written inside a partial directory need
+nothing more (the directory appears whole or not at all), and an append-only log (a training run's
+metrics.jsonl) gains whole lines and is trimmed with `write_text` on resume.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 
 def atomic_write(file: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) for a temporary name beside `file`, then rename it to `file`."""
@@ -23,14 +28,31 @@ def atomic_write(file: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, file)
 
 
+def write_text(file: Path, text: str) -> None:
+    atomic_write(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(file: Path, data) -> None:
-    atomic_write(file, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    write_text(file, json.dumps(data, indent=2) + "\n")
+
+
+def write_yaml(file: Path, data) -> None:
+    write_text(file, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def point(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target`, replacing an old link in one rename."""
+    tmp = link.with_name(link.name + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
 
 
 def read_json(file: Path):
     """The JSON in `file`, or None when it is missing or half-written (a record of work not finished)."""
     try:
-        return json.loads(Path(file).read_text())
+        return json.loads(Path(file).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 

@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from slmkit.errors import SlmError
+from slmkit.fileio import atomic_write, write_json
 
 # Split patterns of the pre-tokenizers llama.cpp knows (llama-vocab.cpp), by their GGUF names.
 LLAMA3_SPLIT = (
@@ -245,7 +246,7 @@ class Tokenizer:
         """Write `tokenizer.json` and `tokenizer_config.json` (chat template included)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / "tokenizer.json"))
+        atomic_write(path / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         conf = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.token(self.bos_token_id), "eos_token": self.token(self.eos_token_id),
@@ -255,7 +256,7 @@ class Tokenizer:
         }
         if self.chat_template:
             conf["chat_template"] = self.chat_template
-        (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+        write_json(path / "tokenizer_config.json", conf)
 
     # -- using ------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from slmkit.data.filters import FilterConfig, first_failure
 from slmkit.data.readers import expand_inputs, read_documents
 from slmkit.data.shards import FORMAT, read_meta
 from slmkit.errors import SlmError
-from slmkit.fileio import file_sha256
+from slmkit.fileio import file_sha256, partial_dir, replace_dir
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.tokenizer import Tokenizer
 
@@ -88,9 +87,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         raise SlmError("every document was filtered out; loosen the filters (see `slm prepare --help`)")
     train_ids, val_ids = split_documents(kept, cfg.val_fraction, cfg.seed)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     counts, shards = {}, {}
     for split, ids in (("train", train_ids), ("val", val_ids)):
@@ -111,7 +108,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         "shards": shards, "config": to_dict(cfg),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    _swap_in(tmp, out)
+    replace_dir(tmp, out)
     return meta
 
 
@@ -224,15 +221,6 @@ def _shards_intact(out: Path, meta: dict) -> bool:
         if min(sizes, default=0) < 0 or sum(sizes) != meta["tokens"][split] * itemsize:
             return False
     return True
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def print_report(meta: dict, out: str) -> None:

@@ -14,7 +14,6 @@ across tokenizers: prepare the output with the student's tokenizer and pretrain 
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from slmkit.data.dedup import DedupReport, exact_dedup, near_dedup
 from slmkit.data.filters import FilterConfig, first_failure
 from slmkit.errors import SlmError
+from slmkit.fileio import write_text
 from slmkit.presets import DEFAULT_MODEL
 
 VERBS = ("jump", "run", "share", "build", "find", "hide", "climb", "fly", "help", "paint", "sing", "dance",
@@ -149,11 +149,7 @@ def _clean_and_write(cfg: SynthConfig, prompts: list[str], texts: list[str]) -> 
     kept = near_dedup(texts, kept, dedup, cfg.near_threshold) if kept else kept
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i in kept:
-            f.write(json.dumps({"text": texts[i], "prompt": prompts[i]}) + "\n")
-    os.replace(tmp, out)
+    write_text(out, "".join(json.dumps({"text": texts[i], "prompt": prompts[i]}) + "\n" for i in kept))
     return {"generated": len(texts), "filtered": dropped, "exact_duplicates": dedup.exact_removed,
             "near_duplicates": dedup.near_removed, "kept": len(kept), "out": str(out)}
 

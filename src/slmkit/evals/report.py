@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.fileio import write_text
 from slmkit.plots import save_png, scatter
 
 PRIMARY = ("acc_norm", "acc", "exact_match_flexible", "pass@1")  # the metric a task is summarised by
@@ -117,7 +118,7 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
               "else acc, exact match or pass@1).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text(report, "\n".join(lines) + "\n")
     return report
 
 

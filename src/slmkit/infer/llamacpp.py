@@ -33,7 +33,7 @@ from slmkit.errors import SlmError
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows, shared_prefix
 from slmkit.infer.sampling import SamplingParams
-from slmkit.fileio import atomic_write, file_sha256, write_json
+from slmkit.fileio import file_sha256, write_json, write_text
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config
@@ -197,7 +197,7 @@ def _build(spec: str, target: Path, entry: Path, gguf: Path, gguf_type: str, pro
 
 def _seal(path: Path) -> None:
     """The checksum `_intact` compares against."""
-    atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: tmp.write_text(file_sha256(path) + "\n"))
+    write_text(path.with_name(path.name + ".sha256"), file_sha256(path) + "\n")
 
 
 def _write_entry(entry: Path, config: ModelConfig, tokenizer: Tokenizer | None, spec: str) -> None:

@@ -21,16 +21,19 @@ about one fp32 copy of the weights plus one tensor of scratch.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
+from slmkit.compress.quant.qlinear import quantized_modules
 from slmkit.config import ModelConfig, from_dict
 from slmkit.errors import SlmError
+from slmkit.fileio import atomic_write
+from slmkit.interop import gguf_quants as gq
 from slmkit.interop.families import GgufSpec, export_family, family_of, gguf_family
 from slmkit.interop.gguf_file import GgufContents
 from slmkit.interop.gguf_vocab import field, read_tokenizer, write_tokenizer  # noqa: F401 (read_tokenizer re-exported)
@@ -201,8 +204,6 @@ def hf_name(gguf_name: str, c: ModelConfig) -> str:
 
 def dequantize(tensor) -> np.ndarray:
     """A GGUF tensor as a writable float32 array in PyTorch order (out, in)."""
-    import gguf
-
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise SlmError(f"GGUF tensor '{tensor.name}' has type {kind}, which slmkit cannot read "
@@ -339,10 +340,6 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
     with `file_type_id` the llama.cpp file type to record. A quantized slmkit model is exported
     from its dequantized weights (the GGUF type then decides the final rounding).
     """
-    import gguf
-
-    from slmkit.interop import gguf_quants as gq
-
     if encode is None and file_type not in gq.FTYPES:
         raise SlmError(f"GGUF type '{file_type}' is not supported (choose from {', '.join(gq.FTYPES)})")
     config: ModelConfig = model.config
@@ -353,27 +350,30 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
         gq.check_shapes([(name, tuple(t.shape)) for name, t in tensors], file_type)
         encode = plain_encoder(file_type) if file_type in ("f32", "f16") else quantized_encoder(
             file_type, config.num_hidden_layers, any(name == "output.weight" for name, _ in tensors))
+    def fill(writer: gguf.GGUFWriter) -> None:
+        _write_metadata(writer, config, spec, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
+        write_tokenizer(writer, tokenizer, config.vocab_size)
+        for name, tensor in tensors:
+            data, kind = encode(name, tensor.detach().float().cpu().numpy())
+            writer.add_tensor(name, data, raw_dtype=kind)
+    return write_gguf_file(path, spec.arch, fill)
+
+
+def write_gguf_file(path: str | Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
+    """A GGUF file written atomically: `fill(writer)` adds the metadata and tensors."""
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), spec.arch)
-    _write_metadata(writer, config, spec, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
-    write_tokenizer(writer, tokenizer, config.vocab_size)
-    for name, tensor in tensors:
-        data, kind = encode(name, tensor.detach().float().cpu().numpy())
-        writer.add_tensor(name, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
+    atomic_write(path, write)
     return path
 
 
 def quantized_encoder(file_type: str, n_layers: int, has_output: bool) -> Encoder:
-    import gguf
-
-    from slmkit.interop import gguf_quants as gq
-
     def encode(name: str, data: np.ndarray):
         kind = gq.tensor_type(name, data.shape, file_type, n_layers, has_output)
         return gq.encode(data, kind), getattr(gguf.GGMLQuantizationType, kind)
@@ -382,8 +382,6 @@ def quantized_encoder(file_type: str, n_layers: int, has_output: bool) -> Encode
 
 
 def plain_encoder(file_type: str) -> Encoder:
-    import gguf
-
     def encode(_name: str, data: np.ndarray):
         if file_type == "f16" and data.ndim >= 2:
             return data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -433,8 +431,6 @@ def _fuse_gate_up(state: dict[str, torch.Tensor]) -> None:
 
 def float_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with quantized linears given back as float `weight`s."""
-    from slmkit.compress.quant.qlinear import quantized_modules
-
     state = dict(model.state_dict())
     for name, module in quantized_modules(model):
         for key in [k for k in state if k.startswith(name + ".")]:
@@ -477,8 +473,6 @@ def _write_metadata(writer, c: ModelConfig, spec: GgufSpec, file_type: int) -> N
 
 def _write_rope_scaling(writer, c: ModelConfig) -> None:
     """linear and YaRN are metadata; Llama 3's and LongRoPE's are tensors (the arch's write hook)."""
-    import gguf
-
     kind, s = rope_type(c.rope_scaling), c.rope_scaling
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

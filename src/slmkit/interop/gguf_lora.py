@@ -15,16 +15,16 @@ are refused with the way out.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
 
 from slmkit.adapters.lora import LoRALinear, lora_layers
 from slmkit.errors import SlmError
-from slmkit.interop.gguf import check_exportable, gguf_name, gguf_spec, to_file
+from slmkit.interop.gguf import check_exportable, gguf_name, gguf_spec, to_file, write_gguf_file
 
 
 def lora_tensors(model: nn.Module) -> tuple[float, list[tuple[str, np.ndarray]]]:
@@ -83,22 +83,14 @@ def _check_exportable_adapter(model: nn.Module, layers: list[tuple[str, LoRALine
 
 def write_gguf_lora(model: nn.Module, path: str | Path, name: str = "") -> Path:
     """Write `model`'s adapters (a base with LoRA layers) as a llama.cpp LoRA GGUF, atomically."""
-    import gguf
-
     alpha, tensors = lora_tensors(model)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf_spec(model.config).arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_name(name or "slmkit-lora")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(alpha))
-    for tensor_name, data in tensors:
-        writer.add_tensor(tensor_name, data.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    os.replace(tmp, path)
-    return path
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_string("general.type", "adapter")
+        writer.add_name(name or "slmkit-lora")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(alpha))
+        for tensor_name, data in tensors:
+            writer.add_tensor(tensor_name, data.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    return write_gguf_file(path, gguf_spec(model.config).arch, fill)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from slmkit.errors import SlmError
-from slmkit.fileio import atomic_write
+from slmkit.fileio import write_text
 from slmkit.pipeline.report import markdown_table
 from slmkit.sizing import human_count
 
@@ -154,5 +154,5 @@ def write_model_card(model_dir: Path, name: str, base_model: str, pipeline_yaml:
             + _results(rows, final_stage) + _usage(model_dir, extra or {}) + [LIMITATIONS])
     text = f"---\n{header}---\n\n" + "\n".join(body)
     file = model_dir / "README.md"
-    atomic_write(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(file, text)
     return file

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.fileio import atomic_write
+from slmkit.fileio import write_text
 from slmkit.sizing import human_count
 from slmkit.plots import inline_svg, loss_curves, save_png, scatter
 from slmkit.train.plot import read_metrics
@@ -283,7 +283,7 @@ def write_report(out_dir: Path, title: str, rows: list[dict], curves: dict[str, 
     svgs = _draw(plots, out_dir)
     html_file, md_file = out_dir / "report.html", out_dir / "report.md"
     page = _html_page(title, rows, plots, svgs, notes, answers)
-    atomic_write(html_file, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    write_text(html_file, page)
     markdown = _markdown_page(title, rows, plots, notes, answers)
-    atomic_write(md_file, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    write_text(md_file, markdown)
     return html_file, md_file

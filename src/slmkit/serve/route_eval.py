@@ -10,12 +10,13 @@ The result is accuracy and share escalated per threshold: a quality-vs-escalatio
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.fileio import write_json
 from slmkit.evals.runner import DEFAULT_SEED, choice_requests, fewshot_context, first_docs
 from slmkit.evals.tasks.base import MultipleChoiceTask
+from slmkit.plots import pyplot, save_png
 
 
 def route_eval(local_lm, remote_lm, task, limit: int | None, thresholds: list[float] | None,
@@ -68,16 +69,11 @@ def _mean(values) -> float:
 
 
 def save(result: dict, out: Path, local_name: str, remote_name: str) -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     result = {**result, "local": local_name, "remote": remote_name}
     path = out / f"route-eval-{result['task']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    write_json(path, result)
+    fig, ax = pyplot().subplots(figsize=(6, 4.2))
     xs = [p["escalated"] for p in result["curve"]]
     ys = [p["accuracy"] for p in result["curve"]]
     ax.plot(xs, ys, marker="o", label="confidence router")
@@ -91,7 +87,4 @@ def save(result: dict, out: Path, local_name: str, remote_name: str) -> tuple[Pa
     ax.set_title(f"Routing: quality vs escalation (n={result['n']}; labels: threshold)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = out / f"route-eval-{result['task']}.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return path, png
+    return path, save_png(fig, out / f"route-eval-{result['task']}.png")

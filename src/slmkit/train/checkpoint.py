@@ -11,7 +11,7 @@
     RUN/last, RUN/best          symlinks to checkpoint directories, swapped atomically
     RUN/final/                  the model at the end of training
 
-A checkpoint is written into `step-N.tmp/` and renamed into place, so a crash leaves either the
+A checkpoint is written into `step-N.partial/` and moved into place (slmkit.fileio), so a crash leaves either the
 old or the new checkpoint, never half of one. Everything is safetensors or JSON: no pickle.
 The learning-rate schedule is a function of the step and the data order a function of (seed,
 step), so restoring step, weights, optimizer moments and RNG states resumes a run exactly.
@@ -20,7 +20,6 @@ step), so restoring step, weights, optimizer moments and RNG states resumes a ru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import SlmError
+from slmkit.fileio import partial_dir, point, replace_dir, write_text, write_yaml
 from slmkit.interop.hf import save_hf
 
 REQUIRED = ("optimizer.safetensors", "rng.safetensors", "trainer.json")
@@ -78,9 +78,7 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run, state.step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(final)
     files.save(model, tokenizer, tmp)
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
@@ -89,12 +87,10 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
         save_file({k: v.contiguous() for k, v in extra.state_dict().items()}, str(tmp / "extra.safetensors"))
     trainer = {"state": asdict(state), "param_groups": groups, "config": config}
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-    if final.exists():  # a re-run of the same step after a resume: replace it
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _point(run / "last", final)
+    replace_dir(tmp, final)  # a re-run of the same step after a resume replaces it
+    point(run / "last", final)
     if best:
-        _point(run / "best", final)
+        point(run / "best", final)
     _prune(run, keep)
     return final
 
@@ -161,22 +157,21 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> di
     return {"state": state, "param_groups": groups}
 
 
-def _point(link: Path, target: Path) -> None:
-    """Make `link` a symlink to `target`, replacing any old link in one atomic rename."""
-    tmp = link.with_name(link.name + ".tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
-
-
 def _prune(run: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints, never the ones RUN/last or RUN/best point to."""
     protected = {(run / name).resolve() for name in ("last", "best") if (run / name).is_symlink()}
-    steps = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+    steps = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir() and p.suffix not in (".partial", ".old"))
     for old in steps[:-keep] if keep > 0 else []:
         if old.resolve() not in protected:
             shutil.rmtree(old)
+
+
+def write_run_config(run: str | Path, config: dict) -> None:
+    """RUN/config.yaml for a new run: the resolved config (a resumed run keeps the one it began with)."""
+    run = Path(run)
+    if not (run / "last").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        write_yaml(run / "config.yaml", config)
 
 
 def truncate_metrics(run: Path, step: int) -> None:
@@ -185,6 +180,4 @@ def truncate_metrics(run: Path, step: int) -> None:
     if not file.is_file():
         return
     lines = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, file)
+    write_text(file, "".join(line + "\n" for line in lines))

@@ -15,10 +15,8 @@ Thin on purpose: it builds teacher, student, batches and the loss, then calls th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from slmkit.config import ModelConfig, to_dict
@@ -29,6 +27,7 @@ from slmkit.presets import DEFAULT_MODEL
 from slmkit.tokenizer import Tokenizer, same_vocabulary
 from slmkit.train import dist
 from slmkit.train.kd import DIVERGENCES, HIDDEN_LOSSES, DistillLoss, KDConfig
+from slmkit.train.checkpoint import write_run_config
 from slmkit.train.loop import TrainConfig, TrainResult, train
 from slmkit.train.pretrain import build_model
 from slmkit.train.teacher_cache import Chunks, count_chunks, open_or_build
@@ -83,9 +82,8 @@ def run(cfg: DistillConfig, resume: bool = False) -> TrainResult:
     val = (validation_batches(val_stream, t.seq_len, t.micro_batch_size, t.eval_tokens, info.rank, info.world)
            if val_stream.size and t.eval_every else None)
     loss = DistillLoss(cfg.kd, student, teacher if uses_online_teacher(cfg.kd) else None, seed=cfg.init_seed)
-    if info.is_main and not resume and not (Path(cfg.out) / "last").exists():
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if info.is_main and not resume:
+        write_run_config(cfg.out, to_dict(cfg))
     return train(student, batches, t, cfg.out, tokenizer, loss_fn=loss, val_batches=val, resume=resume,
                  extra=loss.projections if len(loss.projections) else None)
 

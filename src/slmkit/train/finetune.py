@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from slmkit.adapters.lora import (
     LoraConfig,
@@ -47,7 +46,7 @@ from slmkit.interop.hf import save_checkpoint
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.train import dist
-from slmkit.train.checkpoint import HF_FILES, REQUIRED, ModelFiles
+from slmkit.train.checkpoint import HF_FILES, REQUIRED, ModelFiles, write_run_config
 from slmkit.train.loop import TrainConfig, TrainResult, train, uses_bf16
 from slmkit.train.losses import masked_lm_loss
 
@@ -129,7 +128,8 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
     val = validation_batches(val_set, t.micro_batch_size, pad, info.rank, info.world) if val_set and t.eval_every else None
     if info.is_main:
         _describe(cfg, model, report, len(val_set), t.steps)
-        _write_config(cfg, resume)
+        if not resume:
+            write_run_config(cfg.out, to_dict(cfg))
     result = train(model, batches, t, cfg.out, tokenizer, loss_fn=masked_lm_loss, val_batches=val, resume=resume,
                    files=files)
     if info.is_main:
@@ -212,10 +212,4 @@ def _describe(cfg: FinetuneConfig, model, report, n_val: int, steps: int) -> Non
           f"({trainable / max(total, 1):.2%} of {total:,} float ones)")
     print(f"training data: {report.summary()}; validation: {n_val} examples; {steps} steps")
 
-
-def _write_config(cfg: FinetuneConfig, resume: bool) -> None:
-    out = Path(cfg.out)
-    if not resume and not (out / "last").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

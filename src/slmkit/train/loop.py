@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from slmkit.compress.prune import keep_zeros, sparsity_masks
 from slmkit.errors import SlmError
+from slmkit.fileio import partial_dir, replace_dir, write_text
 from slmkit.layers import cpu_has_native_bf16
 from slmkit.train import dist
 from slmkit.train.checkpoint import (
@@ -163,9 +164,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
             break
     bar.close()
     if info.is_main:
-        final = run / "final"
-        final.mkdir(parents=True, exist_ok=True)
+        final = partial_dir(run / "final")
         files.save(model, tokenizer, final)
+        replace_dir(final, run / "final")
         _plot(run)
     dist.barrier()
     return TrainResult(state, run, stop_reason)
@@ -271,7 +272,7 @@ def _fresh(run: Path, cfg: TrainConfig, info) -> TrainerState:
     torch.manual_seed(cfg.seed + info.rank)  # this rank's dropout stream (weights were initialised before)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").write_text("")
+        write_text(run / "metrics.jsonl", "")  # a new run starts its log empty
     return TrainerState()
 
 

@@ -10,10 +10,8 @@ one training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import yaml
 
 from slmkit.config import ModelConfig, to_dict
 from slmkit.data.loader import Layout, RandomWindows, TokenStream, validation_batches
@@ -21,6 +19,7 @@ from slmkit.errors import SlmError
 from slmkit.model import CausalLM
 from slmkit.tokenizer import Tokenizer
 from slmkit.train import dist
+from slmkit.train.checkpoint import write_run_config
 from slmkit.train.loop import TrainConfig, TrainResult, train
 
 
@@ -69,8 +68,5 @@ def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
     val = (validation_batches(val_stream, t.seq_len, t.micro_batch_size, t.eval_tokens, info.rank, info.world)
            if val_stream.size and t.eval_every else None)
     if info.is_main and not resume:
-        out = Path(cfg.out)
-        if not (out / "last").exists():
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_run_config(cfg.out, to_dict(cfg))
     return train(model, batches, t, cfg.out, tokenizer, val_batches=val, resume=resume)

@@ -9,7 +9,7 @@ over every chunk and its top-k next-token log-probabilities are stored on disk
     CACHE/logprobs.npy   (chunks, T, k) float16, log-probabilities at temperature 1
     CACHE/meta.json      teacher, data fingerprint, T, k, chunk count (a cache is reused only if all match)
 
-so student epochs never pay for the teacher again. The cache is built in CACHE.tmp and renamed into
+so student epochs never pay for the teacher again. The cache is built in CACHE.partial and moved into
 place: an interrupted build leaves no cache that looks complete.
 
 Batch order: chunks are visited in a fresh seeded permutation every epoch, and the chunks of
@@ -20,7 +20,6 @@ and a global batch is the same for any split over gradient accumulation and rank
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from slmkit.data.loader import Layout, TokenStream
 from slmkit.errors import SlmError
+from slmkit.fileio import partial_dir, replace_dir
 from slmkit.train.kd import topk_logprobs
 
 
@@ -112,12 +112,10 @@ def open_or_build(directory: str | Path, teacher, stream: TokenStream, seq_len: 
     size = cache_bytes(chunks, seq_len, k, vocab)
     log(f"teacher cache: {chunks:,} chunks x {seq_len} tokens x top-{k} = {size / 2**20:,.1f} MiB on disk; "
         f"one teacher pass over {chunks * seq_len:,} tokens")
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(directory)
     _fill(tmp, teacher, stream, seq_len, chunks, k, np.uint16 if vocab <= 65536 else np.int32, batch_size)
     (tmp / "meta.json").write_text(json.dumps({**wanted, "format": 1, "bytes": size}, indent=2) + "\n")
-    tmp.rename(directory)
+    replace_dir(tmp, directory)
     return TeacherCache(directory)
 
 
