@@ -13,12 +13,12 @@ from conftest import LLAMA_CPP_MISSING
 
 from slmkit.adapters.lora import LoraConfig, LoRALinear, add_lora, lora_layers
 from slmkit.adapters.merge import merge_adapters, with_adapter_copy
-from slmkit.interop.peft import save_adapter
 from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_hf
+from slmkit.interop.peft import save_adapter
 from slmkit.load import load, random_model
 
 transformers = pytest.importorskip("transformers")

@@ -14,10 +14,10 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.data.loader import Layout, TokenStream
 from slmkit.errors import SlmError
+from slmkit.infer.sampling import SamplingParams
 from slmkit.model import CausalLM
 from slmkit.train.distill import DistillConfig, run
-from slmkit.train.kd import DistillLoss, KDConfig, layer_pairs
-from slmkit.train.kd import divergence, logit_kd, relation_kd, topk_logprobs
+from slmkit.train.kd import DistillLoss, KDConfig, divergence, layer_pairs, logit_kd, relation_kd, topk_logprobs
 from slmkit.train.loop import TrainConfig
 from slmkit.train.teacher_cache import Chunks, open_or_build
 
@@ -264,8 +264,8 @@ def test_bad_distill_settings_are_refused(tmp_path, story_data, tiny_teacher_dir
 def test_synth_prompts_vary_and_reproduce():
     from slmkit.data.synth import SynthConfig, make_prompts
 
-    prompts = make_prompts(SynthConfig(count=20, seed=5))
-    assert prompts == make_prompts(SynthConfig(count=20, seed=5))
+    prompts = make_prompts(SynthConfig(count=20, sampling=SamplingParams(seed=5)))
+    assert prompts == make_prompts(SynthConfig(count=20, sampling=SamplingParams(seed=5)))
     assert len(set(prompts)) == 20 and all("simple words" in p for p in prompts)
 
 
@@ -276,7 +276,7 @@ def test_synth_writes_a_filtered_deduplicated_corpus(tmp_path, tiny_teacher_dir)
     prompts = tmp_path / "seeds.txt"
     prompts.write_text("Tell a story.\nWrite a poem.\n")
     cfg = SynthConfig(teacher=str(tiny_teacher_dir), prompts=str(prompts), count=6, out=str(tmp_path / "s.jsonl"),
-                      max_new_tokens=12, batch_size=4, temperature=0.0,
+                      sampling=SamplingParams(max_new_tokens=12, temperature=0.0), batch_size=4,
                       filters=FilterConfig(min_chars=1, max_symbol_ratio=1.0, min_mean_word_length=0,
                                            max_mean_word_length=0, max_repeated_line_ratio=1,
                                            max_repeated_ngram_ratio=1, max_non_printable_ratio=1))

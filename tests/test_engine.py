@@ -107,7 +107,11 @@ def test_top_k_and_top_p_filters():
 def test_sampling_matches_transformers_processors():
     pytest.importorskip("transformers")
     from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50)

@@ -254,10 +254,9 @@ def test_a_lora_adapter_trained_here_loads_in_peft_over_transformers_with_the_sa
 def test_int4_and_wanda_run_on_every_family(family, method, tmp_path):
     """Quantization and pruning see the same linears in every family (Phi-2's plain MLP has no gate);
     a quantized checkpoint of a renaming or fusing family comes back as it was saved."""
-    from slmkit.interop.hf import save_checkpoint
-
     from slmkit.compress.prune import PruneConfig, prune_model
     from slmkit.compress.quant.quantize import QuantConfig, quantize_model
+    from slmkit.interop.hf import save_checkpoint
 
     kind, _hf, path = family
     model = load(str(path), dtype=torch.float32).model

@@ -46,7 +46,7 @@ def test_smollm2_answers_a_factual_question(smol_gen):
 
 
 def test_stop_strings_end_generation(smol_gen):
-    result = smol_gen.complete(["1, 2, 3, 4, 5,"], SamplingParams(max_new_tokens=30), stop=["8"])[0]
+    result = smol_gen.complete(["1, 2, 3, 4, 5,"], SamplingParams(max_new_tokens=30, stop=["8"]))[0]
     assert result.finish_reason == "stop" and "8" not in result.text and result.text.strip().startswith("6")
 
 
@@ -72,7 +72,7 @@ def test_fit_messages_drops_oldest_turns_but_keeps_system(smollm):
 def test_chat_repl_commands(smol_gen):
     lines = iter(["/system You answer in French.", "Hello!", "/reset", "/help", "/exit"])
     out = io.StringIO()
-    status = run_chat(smol_gen, SamplingParams(max_new_tokens=8), None, [], read=lambda _p: next(lines), out=out)
+    status = run_chat(smol_gen, SamplingParams(max_new_tokens=8), None, read=lambda _p: next(lines), out=out)
     text = out.getvalue()
     assert status == 0
     assert "system message set" in text and "assistant> " in text and "tokens/s" in text

@@ -3,7 +3,6 @@ rows equal to solo rows, prefix reuse, and the export cache (reused, rebuilt whe
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import LLAMA_CPP_MISSING

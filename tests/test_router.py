@@ -13,11 +13,12 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from serving import Server, served, smollm2_backend  # noqa: E402
+
 from slmkit.serve.app import create_app  # noqa: E402
 from slmkit.serve.backend import LocalBackend  # noqa: E402
 from slmkit.serve.remote import RemoteBackend  # noqa: E402
 from slmkit.serve.router import Router  # noqa: E402
-from serving import Server, served, smollm2_backend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +172,14 @@ def test_bad_serve_arguments_fail_before_serving(argv, message, capsys):
 
 def test_remote_requests_carry_penalties_bias_and_structured_output():
     from slmkit.infer.constrain import OutputFormat
+    from slmkit.infer.sampling import SamplingParams
     from slmkit.serve.backend import Prompt, Settings
     from slmkit.serve.remote import RemoteRun
 
     remote = RemoteBackend("http://127.0.0.1:9/v1", "big")
     chat = Prompt(messages=[{"role": "user", "content": "hi"}])
     schema = {"type": "object"}
-    settings = Settings(8, frequency_penalty=0.5, logit_bias={7: -100.0},
+    settings = Settings(8, SamplingParams(frequency_penalty=0.5, logit_bias={7: -100.0}),
                         output_format=OutputFormat("json_schema", schema=schema))
     path, body = RemoteRun(remote, chat, settings)._request()
     assert path == "/chat/completions" and body["frequency_penalty"] == 0.5 and body["logit_bias"] == {"7": -100.0}

@@ -5,14 +5,20 @@ and `choices` refused whichever way a value comes in."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import pytest
 
-from slmkit.cli import BY_NAME, VERBS, _attr, build_parser
+from slmkit.cli import BY_NAME, VERBS, _attr, _take_leftovers, build_parser, main, verb_path
 from slmkit.cli_args import SPEC, Flag, config_from_args
 from slmkit.config import MISSING, optional_of, walk
 from slmkit.errors import SlmError
+from slmkit.pipeline.recipe import read_recipe
+from slmkit.pipeline.run import PipelineJob
 
 NAMES = [verb.name for verb in VERBS]
 
@@ -113,3 +119,67 @@ def test_finetune_and_pretrain_take_their_nested_settings_as_flags():
                               ("pretrain", ["--steps", "12"], lambda c: c.train.steps == 12)):
         parser, spec = _parser(name), _spec(name)
         assert check(config_from_args(spec.cls, parser.parse_args(argv)))
+
+
+def test_a_recipes_task_cleared_by_key_value_lets_the_users_own_file_train(tmp_path):
+    """The README's way to fine-tune on one's own file with a shipped recipe."""
+    recipe = Path(__file__).parents[1] / "configs" / "finetune" / "symptom2disease-lora.yaml"
+    parser, spec = _parser("finetune"), _spec("finetune")
+    mine = tmp_path / "my.jsonl"
+    args = parser.parse_args(["--config", str(recipe), "data.task=", f"data.train={mine}", f"out={tmp_path / 'run'}"])
+    cfg = config_from_args(spec.cls, args)
+    assert not cfg.data.task and cfg.data.train == str(mine) and cfg.out == str(tmp_path / "run")
+    assert cfg.method == "lora"  # the rest of the recipe stands
+
+
+def test_an_empty_choice_set_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "smollm2-135m-instruct", "x", "--choices", ""])
+    assert "holds no value" in capsys.readouterr().err
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_place(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant: {method: int4\n  group_size: [\n")
+    assert main(["quantize", "smollm2-135m-instruct", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.yaml" in err and "line 2" in err and "Traceback" not in err
+
+
+def test_the_top_level_help_imports_no_torch():
+    """`slm --help` and building the verb table load no job module (they import torch)."""
+    code = "import sys; from slmkit.cli import build_parser; build_parser(None); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def _readme_commands() -> list[str]:
+    """Every `slm ...` command line of the README's code blocks (continuation lines joined)."""
+    commands, pending = [], ""
+    for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines():
+        text = line.strip()
+        if pending or text.startswith((".venv/bin/slm ", "slm ")):
+            pending += " " + text.removesuffix("\\").strip()
+            if not text.endswith("\\"):
+                commands.append(pending.strip())
+                pending = ""
+    return commands
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_every_readme_command_parses_as_written(command):
+    """The README's commands, as a user would paste them: the verb exists, every flag and key=value
+    item names a setting, values have the right types and choices, and the config builds (a --config
+    file is read). Nothing runs: building the config is where bad input stops before work."""
+    argv = shlex.split(command, comments=True)[1:]
+    parser = build_parser(verb_path(argv))
+    args, extra = parser.parse_known_args(argv)
+    _take_leftovers(parser, args, extra)
+    job = config_from_args(_attr(BY_NAME[args.verb_name].job), args)
+    if isinstance(job, PipelineJob):  # the recipe too: its sections and the overrides name real settings
+        assert read_recipe(job.recipe, job.overrides).cfg.name
+
+
+def test_the_readme_has_commands_to_check():
+    commands = _readme_commands()
+    assert len(commands) > 40 and {c.split()[1] for c in commands} >= {"generate", "finetune", "pipeline", "serve"}

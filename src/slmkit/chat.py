@@ -14,8 +14,8 @@ from slmkit.infer.sampling import SamplingParams
 HELP = "commands: /reset  /system TEXT  /exit  /help"
 
 
-def run_chat(gen: TextGenerator, params: SamplingParams, system: str | None, stop: list[str],
-             name: str = "model", read=input, out=sys.stdout) -> int:
+def run_chat(gen: TextGenerator, params: SamplingParams, system: str | None, name: str = "model", read=input,
+             out=sys.stdout) -> int:
     messages = _fresh(system)
     out.write(f"chatting with {name} ({gen.context_length:,}-token context). {HELP}\n")
     while True:
@@ -41,14 +41,14 @@ def run_chat(gen: TextGenerator, params: SamplingParams, system: str | None, sto
                 out.write(f"{HELP}\n")
             continue
         messages.append({"role": "user", "content": line})
-        messages = _reply(gen, messages, params, stop, out)
+        messages = _reply(gen, messages, params, out)
 
 
 def _fresh(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _reply(gen: TextGenerator, messages: list[dict], params: SamplingParams, stop: list[str], out) -> list[dict]:
+def _reply(gen: TextGenerator, messages: list[dict], params: SamplingParams, out) -> list[dict]:
     messages, dropped = gen.fit_messages(messages, params.max_new_tokens)
     if dropped:
         out.write(f"(dropped the {dropped} oldest message(s) to fit the context)\n")
@@ -58,7 +58,7 @@ def _reply(gen: TextGenerator, messages: list[dict], params: SamplingParams, sto
         out.write(text)
         out.flush()
 
-    result = gen.chat(messages, params, stop, show)
+    result = gen.chat(messages, params, show)
     g = result.generation
     out.write(f"\n  [{result.completion_tokens} tokens, {g.decode_tokens_per_second:.1f} tokens/s]\n")
     return [*messages, {"role": "assistant", "content": result.text}]

@@ -323,13 +323,19 @@ def _items(spec: Spec, args: argparse.Namespace) -> list[str]:
     return items + list(getattr(args, "overrides", None) or [])
 
 
+def _names(flag: Flag) -> set[str]:
+    """A flag's names for key=value items: its own, and its long option's (`--max-tokens`: max_tokens)."""
+    options = [o for o in _option_strings(flag) if o.startswith("--") and not o.startswith("--no-")]
+    return {flag.name, *(o[2:].replace("-", "_") for o in options)}
+
+
 def split_items(spec: Spec, items: list[str]) -> tuple[list[str], dict[str, Any]]:
     """(key=value overrides, {positional name: value}): an item is an override when its key names
     a setting by its YAML path (`runtime.dtype=float32`) or by its flag's name (`dtype=float32`, as
     `--dtype float32`); the others fill the positional arguments in order, a list one taking the rest."""
     leaves = {leaf.key for leaf in walk(spec.cls)}
     sections = set(setting_paths(spec.cls)) - leaves
-    by_flag = {f.name: f.leaves for f in spec.flags if not f.positional}
+    by_flag = {name: f.leaves for f in spec.flags if not f.positional for name in _names(f)}
     overrides, rest = [], []
     for item in items:
         key, sep, value = item.partition("=")

@@ -28,7 +28,6 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 from slmkit.errors import SlmError, unknown_choice
-from slmkit.rope import ROPE_TYPES, rope_type
 
 T = TypeVar("T")
 
@@ -239,6 +238,10 @@ def parse_yaml(text: str, what: str) -> Any:
     """YAML text, or a one-line error naming `what` and the first problem."""
     try:
         return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:  # where and what: "line 2, column 4: expected ',' or '}', but got ':'"
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SlmError(f"{what} is not valid YAML{where}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise SlmError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from None
 
@@ -294,7 +297,13 @@ def _own_field_docs(cls: type) -> dict[str, str]:
 # The model architecture
 # --------------------------------------------------------------------------------------------
 
+def rope_type(scaling: dict | None) -> str:
+    """The kind of a `rope_scaling` dict (HF writes it as rope_type, older files as type)."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
 PerLayer = int | list[int]
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # rope_scaling kinds (slmkit.rope computes them)
 NORM_TYPES = ("rms", "rms_offset", "layer")
 BLOCK_LAYOUTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("head", "projection")

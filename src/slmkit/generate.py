@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.engine import Engine, Generation
 from slmkit.infer.sampling import SamplingParams
 from slmkit.infer.speculate import Drafter
-from slmkit.config import ModelConfig
 from slmkit.model import CausalLM
 from slmkit.tokenizer import Tokenizer
 
@@ -119,16 +119,15 @@ class TextGenerator:
             ids = ids[-room:]
         return ids
 
-    def complete(self, prompts: list[str], params: SamplingParams, stop: list[str] = (),
-                 on_text: TextCallback | None = None, truncate: bool = False,
-                 output_format: OutputFormat | None = None) -> list[Completion]:
-        """Continue each prompt; the model's end-of-sequence tokens stop it as well as `stop` strings.
+    def complete(self, prompts: list[str], params: SamplingParams, on_text: TextCallback | None = None,
+                 truncate: bool = False, output_format: OutputFormat | None = None) -> list[Completion]:
+        """Continue each prompt; the model's end-of-sequence tokens stop it as well as `params.stop`.
 
         output_format: the text must be JSON (optionally valid under a schema) or one of a set of labels."""
         params = replace(params, stop_token_ids=sorted({*params.stop_token_ids, *self.stop_ids()}))
         grammar = self.grammar(output_format, params.stop_token_ids) if output_format else None
         ids = [self.encode_prompt(p, params.max_new_tokens, truncate) for p in prompts]
-        streams = [TextStream(self.tokenizer, list(stop)) for _ in prompts]
+        streams = [TextStream(self.tokenizer, list(params.stop)) for _ in prompts]
 
         def on_token(row: int, token: int) -> bool:
             piece = streams[row].push(token)
@@ -150,11 +149,11 @@ class TextGenerator:
         """The format compiled for this model's tokens (an SlmError naming the problem if it cannot be)."""
         return Grammar(output_format, self.tokenizer, self.config.vocab_size, stop_ids)
 
-    def chat(self, messages: list[dict], params: SamplingParams, stop: list[str] = (),
-             on_text: TextCallback | None = None, output_format: OutputFormat | None = None) -> Completion:
+    def chat(self, messages: list[dict], params: SamplingParams, on_text: TextCallback | None = None,
+             output_format: OutputFormat | None = None) -> Completion:
         """One assistant reply to `messages`, rendered with the model's chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.complete([prompt], params, stop, on_text, output_format=output_format)[0]
+        return self.complete([prompt], params, on_text, output_format=output_format)[0]
 
     def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
         """Drop the oldest turns (never the system prompt or the last message) until the prompt fits.

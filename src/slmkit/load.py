@@ -21,11 +21,16 @@ from pathlib import Path
 import torch
 
 from slmkit.adapters.merge import merge_adapters, with_adapter_copy
-from slmkit.interop.peft import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
+from slmkit.compress.quant.fused import fuse_shared_inputs
+from slmkit.compress.quant.quantize import swap_in_empty
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.interop import gguf as g
+from slmkit.interop import hf
+from slmkit.interop.gguf import open_gguf, read_config, read_tokenizer
 from slmkit.interop.ollama import PREFIX as OLLAMA_PREFIX
 from slmkit.interop.ollama import ollama_gguf
+from slmkit.interop.peft import AdapterFiles, attach_adapter, is_adapter_dir, read_adapter
 from slmkit.layers import swap_in_lowrank
 from slmkit.model import CausalLM
 from slmkit.presets import BUNDLED, DEFAULT_MODEL, get_preset
@@ -155,10 +160,7 @@ def inspect(spec: str) -> Source:
         base = inspect(find_base(adapter))
         return Source(base.config, str(target), base.file_bytes + adapter.bytes, base.tensor_types, base=base.path)
     if target.is_dir():
-        from slmkit.interop import hf
-
         return Source(hf.read_hf_config(target), str(target), sum(f.stat().st_size for f in hf.weight_files(target)))
-    from slmkit.interop import gguf as g
 
     return _gguf_source(target, g.open_gguf(target))
 
@@ -171,8 +173,6 @@ def load_tokenizer(spec: str) -> Tokenizer:
     target = resolve(spec)
     tokenizer = None
     if isinstance(target, Path) and target.is_file():
-        from slmkit.interop.gguf import open_gguf, read_tokenizer
-
         tokenizer = read_tokenizer(open_gguf(target))
     if tokenizer is None:
         raise SlmError(f"'{spec}' has no tokenizer; give a tokenizer.json directory or a model that has one")
@@ -180,8 +180,6 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def _gguf_source(path: Path, reader) -> Source:
-    from slmkit.interop.gguf import read_config
-
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -204,8 +202,6 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
     if config.lowrank:  # factorized linears: down/up weights of the recorded ranks instead of one weight
         swap_in_lowrank(model, config.lowrank.get("ranks") or {})
     if config.quantization:  # linears stored as codes become quantized modules before the weights land
-        from slmkit.compress.quant.quantize import swap_in_empty
-
         swap_in_empty(model, config.quantization, {k.rpartition(".")[0] for k in state if k.endswith(".qweight")})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -213,8 +209,6 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
     if missing or unexpected:
         raise SlmError(f"weights do not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.quantization:
-        from slmkit.compress.quant.fused import fuse_shared_inputs
-
         fuse_shared_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.tie_weights()
     model.reset_rope()
@@ -222,8 +216,6 @@ def build_from_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.T
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
-    from slmkit.interop import gguf as g
-
     reader = g.open_gguf(path)
     source = _gguf_source(path, reader)
     model = build_from_tensors(source.config, g.read_tensors(reader, source.config, dtype))
@@ -231,8 +223,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> Loaded:
-    from slmkit.interop import hf
-
     source = inspect(str(path))
     model = build_from_tensors(source.config, hf.read_hf_tensors(path, dtype, source.config))
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None

@@ -16,11 +16,8 @@ import math
 import torch
 from torch import nn
 
+from slmkit.config import ROPE_TYPES, rope_type
 from slmkit.errors import SlmError
-
-
-
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None,
@@ -38,10 +35,6 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None,
     if kind == "yarn":
         return _yarn_inv_freq(inv_freq, dim, theta, scaling, max_positions)
     raise SlmError(f"rope_scaling type '{kind}' is not supported (supported: {', '.join(ROPE_TYPES)})")
-
-
-def rope_type(scaling: dict | None) -> str:
-    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from slmkit.errors import SlmError
@@ -302,8 +305,6 @@ def train_tokenizer(texts, vocab_size: int, special_tokens=SPECIAL_TOKENS, pre: 
     template is ChatML with `<|im_start|>`/`<|im_end|>`. Every byte is in the base alphabet, so any
     text encodes; the pre-tokenizer is one llama.cpp knows, so GGUF export works.
     """
-    from tokenizers import trainers
-
     special = list(special_tokens)
     if vocab_size < 256 + len(special):
         raise SlmError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens "
@@ -343,11 +344,6 @@ def _dir_template(path: Path, conf: dict) -> str | None:
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
     """Jinja2 in a sandbox with the settings and helpers transformers gives templates (trim_blocks,
     lstrip_blocks, raise_exception, strftime_now: Llama 3.x's templates print today's date)."""
-    from datetime import datetime
-
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise TemplateError(message)
 

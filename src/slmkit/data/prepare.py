@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 from tqdm import tqdm
 
 from slmkit.config import to_dict
@@ -30,6 +32,7 @@ from slmkit.data.readers import expand_inputs, read_documents
 from slmkit.data.shards import FORMAT, read_meta
 from slmkit.errors import SlmError
 from slmkit.fileio import file_sha256, partial_dir, replace_dir
+from slmkit.load import load_tokenizer
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.tokenizer import Tokenizer
 
@@ -135,8 +138,6 @@ def _check(cfg: PrepareConfig) -> None:
 
 
 def _load_tokenizer(spec: str) -> Tokenizer:
-    from slmkit.load import load_tokenizer
-
     return load_tokenizer(spec)
 
 
@@ -225,9 +226,6 @@ def _shards_intact(out: Path, meta: dict) -> bool:
 
 def print_report(meta: dict, out: str) -> None:
     """What `slm prepare` kept and removed, as a table."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"prepared {out}", title_justify="left")
     for col in ("step", "documents", "tokens"):
         table.add_column(col, justify="left" if col == "step" else "right")

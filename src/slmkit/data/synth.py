@@ -16,15 +16,19 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from slmkit.data.dedup import DedupReport, exact_dedup, near_dedup
 from slmkit.data.filters import FilterConfig, first_failure
+from slmkit.data.readers import expand_inputs, read_documents
 from slmkit.errors import SlmError
 from slmkit.fileio import write_text
+from slmkit.generate import TextGenerator
+from slmkit.infer.sampling import SamplingParams
+from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
 
 VERBS = ("jump", "run", "share", "build", "find", "hide", "climb", "fly", "help", "paint", "sing", "dance",
@@ -60,18 +64,12 @@ class SynthConfig:
     """Documents to generate (before filtering and de-duplication)."""
     out: str = "data/synth.jsonl"
     """Output .jsonl file."""
-    max_new_tokens: int = 320
-    """Tokens per answer."""
-    temperature: float = 0.8
-    """Sampling temperature (0 = greedy: every repeat of a prompt gives the same text)."""
-    top_p: float = 0.95
-    """Nucleus sampling mass."""
-    repetition_penalty: float = 1.1
-    """>1 discourages the loops small models fall into."""
     batch_size: int = 8
     """Prompts decoded together."""
-    seed: int = 0
-    """Seed of the prompts and the sampling."""
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        max_new_tokens=320, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0))
+    """How the teacher samples (temperature 0: every repeat of a prompt gives the same text; a repetition
+    penalty > 1 breaks the loops small models fall into). Its seed also orders the prompts."""
     system: str = ""
     """Optional system message for chat models."""
     near_threshold: float = 0.8
@@ -88,10 +86,9 @@ def tinystories_prompt(rng: random.Random) -> str:
 
 def make_prompts(cfg: SynthConfig) -> list[str]:
     """`cfg.count` prompts, reproducible from the seed (file prompts are cycled in a shuffled order)."""
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.sampling.seed or 0)
     if cfg.prompts == "tinystories":
         return [tinystories_prompt(rng) for _ in range(cfg.count)]
-    from slmkit.data.readers import expand_inputs, read_documents
 
     seeds = [d.strip() for f in expand_inputs([cfg.prompts]) for d in read_documents(f, cfg.text_field, "\n")]
     seeds = [s for s in seeds if s]
@@ -103,10 +100,6 @@ def make_prompts(cfg: SynthConfig) -> list[str]:
 
 def synthesize(cfg: SynthConfig, log=print) -> dict:
     """Generate, filter, de-duplicate and write the corpus; returns the report."""
-    from slmkit.generate import TextGenerator
-    from slmkit.infer.sampling import SamplingParams
-    from slmkit.load import load
-
     if cfg.count < 1 or cfg.batch_size < 1:
         raise SlmError("count and batch_size must be at least 1")
     prompts = make_prompts(cfg)
@@ -116,9 +109,7 @@ def synthesize(cfg: SynthConfig, log=print) -> dict:
     with tqdm(total=len(prompts), desc="synth", unit="doc", dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                                    seed=cfg.seed * 1_000_003 + start)
+            params = replace(cfg.sampling, seed=(cfg.sampling.seed or 0) * 1_000_003 + start)  # a seed per batch
             rendered = [_render(loaded.tokenizer, cfg.system, p) for p in batch]
             texts += [c.text.strip() for c in gen.complete(rendered, params)]
             bar.update(len(batch))

@@ -8,6 +8,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from rich.table import Table
+
+from slmkit import __version__
+from slmkit.compress.quant.qlinear import weight_count
+from slmkit.data.shared import shared_data_dir
 from slmkit.errors import SlmError
 from slmkit.evals.runner import DEFAULT_SEED, run_task
 from slmkit.evals.tasks import make_task
@@ -15,8 +20,6 @@ from slmkit.fileio import write_json
 
 
 def default_data_dir() -> Path:
-    from slmkit.data.shared import shared_data_dir
-
     shared = shared_data_dir()
     if shared is None:
         raise SlmError("the shared evaluation data (../shared/data/eval) is not here; pass --data-dir DIR")
@@ -42,8 +45,6 @@ def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: i
 
     limit: documents per task (MMLU: per subject), one number for all or {task: number or None}.
     on_result(doc so far): called after each task, so a long run can save what it has."""
-    from slmkit import __version__
-
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     tasks = [make_task(name, data_dir) for name in task_names]  # unknown names fail before any work
     limits = limit if isinstance(limit, dict) else {name: limit for name in task_names}
@@ -85,7 +86,6 @@ def model_info(loaded) -> dict:
     """What a report needs to place a variant: parameters, file size and bits per linear weight."""
     model = loaded.model
     section = getattr(model.config, "quantization", None) or {}
-    from slmkit.compress.quant.qlinear import weight_count
 
     params = weight_count(model)
     bits = section.get("bits") or {"bfloat16": 16, "float16": 16}.get(str(model.model.embed_tokens.weight.dtype)
@@ -106,8 +106,6 @@ def save_results(doc: dict, path: str | Path) -> Path:
 
 
 def results_table(doc: dict):
-    from rich.table import Table
-
     limit = doc["limit"]
     shown = "" if not limit else f", limit {limit}" if not isinstance(limit, dict) else ", default-suite limits"
     table = Table(title=f"{doc['model']} (seed {doc['seed']}{shown})")

@@ -20,8 +20,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from rich.table import Table
+
+from slmkit.compress.quant.qlinear import weight_count
 from slmkit.config import from_dict
 from slmkit.errors import SlmError
+from slmkit.infer.engine import Engine
+from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
+from slmkit.infer.sampling import SamplingParams
+from slmkit.load import load, resolve
 from slmkit.plots import save_png, scatter
 from slmkit.runtime import Runtime, use_threads
 
@@ -75,11 +83,6 @@ def _spread(values: list[float]) -> dict:
 
 def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     """Measure in this process (the worker side of `measure`)."""
-    import torch
-
-    from slmkit.infer.llamacpp import choose_engine
-    from slmkit.infer.sampling import SamplingParams
-
     use_threads(settings.runtime.threads)
     started = time.perf_counter()
     if choose_engine(settings.runtime.engine, spec) == "llamacpp":
@@ -110,12 +113,6 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
 
 
 def _torch_engine(spec: str, settings: BenchSettings):
-    import torch
-
-    from slmkit.compress.quant.qlinear import weight_count
-    from slmkit.infer.engine import Engine
-    from slmkit.load import load
-
     loaded = load(spec, dtype=getattr(torch, settings.runtime.dtype), allow_random=True, merge=True)
     model = loaded.model
     return Engine(model), ModelBench(spec, weight_count(model),
@@ -126,10 +123,6 @@ def _torch_engine(spec: str, settings: BenchSettings):
 def _llamacpp_engine(spec: str, settings: BenchSettings):
     """llama.cpp on the model's GGUF (exported once to `gguf_type` unless it is one), with room for
     every row of the largest batch."""
-    import torch
-
-    from slmkit.infer.llamacpp import LlamaCppEngine, gguf_kind, runtime_files
-
     r = settings.runtime
     files = runtime_files(spec, r.gguf_type, progress=lambda m: print(m, file=sys.stderr))
     engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, r.threads,
@@ -148,8 +141,6 @@ def peak_rss_mib() -> float:
 
 def measure(spec: str, settings: BenchSettings) -> ModelBench:
     """Measure `spec` in a fresh process and return its numbers."""
-    from slmkit.load import resolve
-
     resolve(spec)  # a bad name or path fails here, with the close names, before a process starts
     command = [sys.executable, "-m", "slmkit.evals.device", spec, json.dumps(asdict(settings))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
@@ -162,8 +153,6 @@ def measure(spec: str, settings: BenchSettings) -> ModelBench:
 
 
 def bench_table(results: list[ModelBench], settings: BenchSettings):
-    from rich.table import Table
-
     table = Table(title=f"{settings.prompt_tokens}-token prompt, {settings.new_tokens} new tokens, "
                         f"median of {settings.runs} (min-max)")
     for column in ("model", "runtime", "params", "batch", "TTFT s", "prefill tok/s", "decode tok/s", "load s", "peak MiB",

@@ -128,12 +128,12 @@ class ScoringLM:
         """(greedy continuation cut at the first stop string, prompt truncated) for each prompt, one
         at a time (batch-invariant); a prompt longer than the context keeps its end."""
         generator = self._text_generator()
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(until))
         room = generator.context_length - min(max_new_tokens, generator.context_length - 1)
         outputs = []
         for prompt in tqdm(prompts, desc="generating", unit="doc", disable=not progress, leave=False):
             truncated = len(self.tokenizer.encode(prompt)) > room
-            text = generator.complete([prompt], params, stop=until, truncate=True)[0].text  # cut at the stop
+            text = generator.complete([prompt], params, truncate=True)[0].text  # cut at the first stop string
             outputs.append((text, truncated))
         return outputs
 

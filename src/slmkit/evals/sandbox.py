@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -42,8 +43,6 @@ class RunResult:
 
 
 def _limits(memory: int, cpu_seconds: int) -> None:  # runs in the child before exec
-    import resource
-
     os.setsid()
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))

@@ -30,10 +30,10 @@ import torch
 
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.fileio import file_sha256, write_json, write_text
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows, shared_prefix
 from slmkit.infer.sampling import SamplingParams
-from slmkit.fileio import file_sha256, write_json, write_text
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config

@@ -21,16 +21,31 @@ from slmkit.errors import SlmError
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0  # 1 = no nucleus cut
-    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the sequence
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per earlier occurrence in the generated text
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once if the token was generated at all
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
+    """How the next token is chosen, and when a text stops: the one sampling type -- `slm generate`
+    and `slm chat` flags (OpenAI's names), the decode core, the server's requests."""
+
+    max_new_tokens: int = field(default=256, metadata={"flag": "--max-tokens", "metavar": "N"})
+    """new tokens at most"""
+    temperature: float = 0.0
+    """0 = greedy; e.g. 0.7 for variety"""
+    top_k: int = 0
+    """sample from the k most likely tokens (0 = off)"""
+    top_p: float = 1.0
+    """nucleus sampling mass (1 = off)"""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the sequence, prompt included (1 = off; transformers' definition)"""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per earlier occurrence in the generated text (-2..2)"""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once if it was generated at all (-2..2)"""
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata={"metavar": "{ID: BIAS}"})
+    """added to a token's logit, by token id (-100..100; -100 bans it), e.g. '{13: -100}'"""
     seed: int | None = None
+    """seed for sampling (reproducible output)"""
+    stop: list[str] = field(default_factory=list, metadata={"split": False})
+    """stop strings: the text ends before the first one (the model's end-of-sequence tokens stop it too)"""
     stop_token_ids: list[int] = field(default_factory=list)
+    """more token ids that end the text (beside the model's own end-of-sequence tokens)"""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 from slmkit.compress.quant.qlinear import quantized_modules
-from slmkit.config import ModelConfig, from_dict
+from slmkit.config import ModelConfig, from_dict, rope_type
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
 from slmkit.interop import gguf_quants as gq
 from slmkit.interop.families import GgufSpec, export_family, family_of, gguf_family
 from slmkit.interop.gguf_file import GgufContents
 from slmkit.interop.gguf_vocab import field, read_tokenizer, write_tokenizer  # noqa: F401 (read_tokenizer re-exported)
-from slmkit.rope import rope_type, yarn_factor
+from slmkit.rope import yarn_factor
 from slmkit.tokenizer import Tokenizer
 
 # (gguf_name, fp32 array in PyTorch order) -> (array to store, GGMLQuantizationType)

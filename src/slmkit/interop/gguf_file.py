@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 # GGUF value types -> (struct format, numpy dtype) for the fixed-size ones
@@ -39,8 +40,6 @@ class GgufContents:
     """`fields` (key -> Python value: str, int, float, bool or list) and `tensors`, in file order."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._at = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import gguf
 import numpy as np
 
 from slmkit.errors import SlmError
@@ -61,8 +62,6 @@ def use_more_bits(i: int, n: int) -> bool:
 
 def encode(data: np.ndarray, kind: str) -> np.ndarray:
     """fp32 (..., K) -> the raw bytes of GGML type `kind`, (..., bytes per row) uint8 (or the float array)."""
-    import gguf
-
     qtype = getattr(gguf.GGMLQuantizationType, kind)
     if kind == "F32":
         return data.astype(np.float32)

@@ -20,13 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from slmkit.compress.quant.qlinear import quantized_modules
-from slmkit.config import ModelConfig, from_dict, to_dict
+from slmkit.config import ModelConfig, from_dict, rope_type, to_dict
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write, partial_dir, replace_dir, write_json
 from slmkit.interop.families import Family, export_family, hf_family
-from slmkit.rope import rope_type
 from slmkit.tokenizer import Tokenizer
 
 # Our quantized checkpoints' section. Not `quantization_config`: transformers would take that for
@@ -235,8 +236,6 @@ def read_hf_tensors(path: Path, dtype: torch.dtype, config: ModelConfig | None =
 
 
 def _read_raw_tensors(path: Path, dtype: torch.dtype):
-    from safetensors import safe_open
-
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -249,8 +248,6 @@ def _read_raw_tensors(path: Path, dtype: torch.dtype):
 
 def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, base_weight, lora_layers, scaling
@@ -57,8 +58,6 @@ def is_adapter_dir(path: Path) -> bool:
 
 def save_adapter(model: nn.Module, path: str | Path, base: str, tokenizer=None) -> Path:
     """Write `model`'s adapters as a PEFT directory whose base is `base` (a MODEL argument)."""
-    from safetensors.torch import save_file
-
     layers = lora_layers(model)
     if not layers:
         raise SlmError("the model has no LoRA/DoRA layers to save")
@@ -229,8 +228,6 @@ def attach_adapter(model: nn.Module, adapter: AdapterFiles) -> list[str]:
 def read_layers(model: nn.Module, adapter: AdapterFiles) -> dict[str, dict]:
     """{our linear name: {"A", "B", "m", "alpha"}} from the file: the family's names renamed back,
     fused linears split into their parts."""
-    from safetensors.torch import load_file
-
     family = export_family(model.config)
     c = adapter.config
     out = {}

@@ -106,7 +106,7 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict:
         doc = {"model": job.model, "model_info": model_info(loaded),
                "perplexity": {**result.__dict__, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}}
     else:
-        lm, info = eval_lm(job)
+        lm, info = eval_lm(job.model, job.runtime, job.batch_size)
         doc = evaluate(lm, names, shots, limit, job.seed, job.data_dir, progress, job.model,
                        on_result=lambda partial: save_results({**partial, "model_info": info, "partial": True}, out))
         doc["model_info"] = info
@@ -122,19 +122,18 @@ def _eval_model(spec: str, dtype: str):
     return loaded
 
 
-def eval_lm(job: EvalJob):
-    """The scorer on the chosen engine, and what a report needs to know of the model."""
-    r = job.runtime
-    if choose_engine(r.engine, job.model) == "llamacpp":
-        files = runtime_files(job.model, r.gguf_type, progress=_stderr)
+def eval_lm(model: str, r: Runtime, batch_size: int = 8):
+    """The scorer of MODEL on the runtime's engine, and what a report needs to know of the model."""
+    if choose_engine(r.engine, model) == "llamacpp":
+        files = runtime_files(model, r.gguf_type, progress=_stderr)
         engine = LlamaCppEngine.for_files(files, r.context, threads=r.threads)
         size = files.file_bytes
         return LlamaCppLM(engine, files.tokenizer), {
             "params": engine.parameters, "file_mib": size / 2**20, "bits": round(8 * size / engine.parameters, 2),
             "quantization": None, "gguf_type": gguf_kind(files.gguf, r.gguf_type).upper(),
             "engine": "llamacpp"}
-    loaded = _eval_model(job.model, r.dtype)
-    return LocalLM(loaded.model, loaded.tokenizer, batch_size=job.batch_size), model_info(loaded)
+    loaded = _eval_model(model, r.dtype)
+    return LocalLM(loaded.model, loaded.tokenizer, batch_size=batch_size), model_info(loaded)
 
 
 def eval_verb(job: EvalJob) -> None:

@@ -8,16 +8,15 @@ from pathlib import Path
 import torch
 
 from slmkit.adapters.merge import merge_adapters
-from slmkit.interop.peft import is_adapter_dir
 from slmkit.compress.lowrank import densify
 from slmkit.errors import SlmError
 from slmkit.interop.gguf import write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
+from slmkit.interop.peft import is_adapter_dir
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
 from slmkit.runtime import GGUF_TYPES, SAVE_DTYPES
-
 
 
 @dataclass

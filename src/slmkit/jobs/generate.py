@@ -25,29 +25,6 @@ from slmkit.presets import DEFAULT_MODEL
 from slmkit.runtime import Decoding, Runtime, use_threads
 from slmkit.tokenizer import same_vocabulary
 
-@dataclass
-class SamplingConfig:
-    """How the next token is chosen (OpenAI's names)."""
-
-    max_tokens: int = 128
-    """new tokens at most"""
-    temperature: float = 0.0
-    """0 = greedy; e.g. 0.7 for variety"""
-    top_k: int = 0
-    """sample from the k most likely tokens (0 = off)"""
-    top_p: float = 1.0
-    """nucleus sampling mass (1 = off)"""
-    repetition_penalty: float = 1.0
-    """>1 discourages repeats (1 = off)"""
-    seed: int | None = None
-    """seed for sampling (reproducible output)"""
-    stop: list[str] = field(default_factory=list, metadata={"split": False})
-    """stop strings"""
-
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
-
 
 @dataclass
 class GenerateJob:
@@ -69,7 +46,7 @@ class GenerateJob:
     """structured output: answer with exactly one of these labels (classification)"""
     runtime: Runtime = field(default_factory=Runtime)
     decoding: Decoding = field(default_factory=Decoding)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128))
 
 
 @dataclass
@@ -80,13 +57,12 @@ class ChatJob:
     """system message for the conversation"""
     runtime: Runtime = field(default_factory=Runtime)
     decoding: Decoding = field(default_factory=Decoding)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=512))
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=512))
 
 
 def run_chat(job: ChatJob) -> int:
-    params = job.sampling.params()  # bad settings: refused before the model loads
     name, gen = load_generator(job.model, job.runtime, job.decoding)
-    return chat_loop(gen, params, job.system, job.sampling.stop, name=name)
+    return chat_loop(gen, job.sampling, job.system, name=name)
 
 
 def _stderr(message: str) -> None:
@@ -168,7 +144,6 @@ def run_generate(job: GenerateJob, out=None) -> int:
         raise SlmError("give a MODEL and a prompt (or - to read the prompt from stdin)")
     prompt = sys.stdin.read() if job.prompt == "-" else job.prompt
     fmt = output_format(job)
-    params = job.sampling.params()  # bad sampling settings: refused before the model loads
     _, gen = load_generator(job.model, job.runtime, job.decoding)
     if job.chat:
         messages = ([{"role": "system", "content": job.system}] if job.system else [])
@@ -180,7 +155,7 @@ def run_generate(job: GenerateJob, out=None) -> int:
         out.write(text)
         out.flush()
 
-    result = gen.complete([prompt], params, job.sampling.stop, show, truncate=job.truncate, output_format=fmt)[0]
+    result = gen.complete([prompt], job.sampling, show, truncate=job.truncate, output_format=fmt)[0]
     g = result.generation
     print(file=out)
     _stderr(f"[{result.prompt_tokens} prompt tokens in {g.prefill_seconds:.2f}s, {result.completion_tokens} new "

@@ -9,17 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from slmkit.errors import SlmError
 from slmkit.evals.api import default_data_dir
 from slmkit.evals.endpoint import EndpointLM
-from slmkit.evals.lm import LocalLM
 from slmkit.evals.tasks import make_task
-from slmkit.load import load
-from slmkit.runtime import DTYPES, use_threads
+from slmkit.jobs.evaluate import eval_lm
+from slmkit.runtime import Runtime, use_threads
 from slmkit.serve.remote import RemoteBackend
 from slmkit.serve.route_eval import route_eval, save
 
@@ -40,28 +38,25 @@ class RouteEvalJob:
     """eval data folder (default: ../shared/data/eval)"""
     out: str = field(default="runs/route-eval", metadata={"flag": ("-o", "--out")})
     """output folder (route-eval-TASK.json and .png)"""
-    dtype: str = field(default="float32", metadata={"choices": DTYPES})
-    """weight precision in memory of a model slmkit loads"""
-    threads: int | None = None
-    """CPU threads (default: all cores)"""
+    runtime: Runtime = field(default_factory=lambda: Runtime(engine="torch", dtype="float32"))
+    """how a model slmkit loads runs (as in slm eval)"""
 
 
-def _scorer(spec: str, dtype: str):
+def _scorer(spec: str, runtime: Runtime):
     """(scorer, display name) of a URL or of a model slmkit loads."""
     if spec.startswith(("http://", "https://")):
         remote = RemoteBackend.from_spec(spec)
         return EndpointLM(remote.url, remote.model or "default", remote.key), remote.name
-    loaded = load(spec, dtype=getattr(torch, dtype))
-    return LocalLM(loaded.model, loaded.tokenizer), Path(spec.rstrip("/")).name
+    return eval_lm(spec, runtime)[0], Path(spec.rstrip("/")).name
 
 
 def run_route_eval(job: RouteEvalJob) -> tuple[dict, Path, Path]:
     """(result, its JSON, its PNG curve)."""
     if not job.local or not job.remote:
         raise SlmError("give both models: --local MODEL --remote URL[,model=NAME,key=ENV_VAR]")
-    use_threads(job.threads)
+    use_threads(job.runtime.threads)
     task = make_task(job.task, Path(job.data_dir) if job.data_dir else default_data_dir())
-    (local, local_name), (remote, remote_name) = _scorer(job.local, job.dtype), _scorer(job.remote, job.dtype)
+    (local, local_name), (remote, remote_name) = _scorer(job.local, job.runtime), _scorer(job.remote, job.runtime)
     result = route_eval(local, remote, task, job.limit, job.thresholds)
     path, png = save(result, Path(job.out), local_name, remote_name)
     return result, path, png

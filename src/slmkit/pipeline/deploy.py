@@ -12,19 +12,19 @@ from typing import Callable
 
 import torch
 
-from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.data.tasks import TASKS, task_data
 from slmkit.errors import SlmError
 from slmkit.generate import TextGenerator
 from slmkit.infer import llamacpp
 from slmkit.infer.llamacpp import LlamaCppEngine, runtime_files
 from slmkit.infer.sampling import SamplingParams
+from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.jobs.evaluate import run_eval
 from slmkit.jobs.export import GgufJob, GgufLoraJob, run_gguf, run_gguf_lora, save_whole
 from slmkit.load import find_base, load
-from slmkit.runtime import Runtime
 from slmkit.pipeline.config import EvaluateStage, ExportStage
 from slmkit.pipeline.measure import speed_cells, task_cells
+from slmkit.runtime import Runtime
 
 Log = Callable[[str], object]
 

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from slmkit.config import to_dict
 from slmkit.load import inspect
-from slmkit.pipeline.estimate import Estimate
 from slmkit.pipeline.config import Recipe
+from slmkit.pipeline.estimate import Estimate
 from slmkit.pipeline.stages import BY_KIND, Flow, advance, stage_name
 from slmkit.pipeline.state import StageDir, fingerprint
 from slmkit.sizing import human_bytes

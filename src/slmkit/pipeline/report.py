@@ -20,8 +20,8 @@ from pathlib import Path
 
 from slmkit.errors import SlmError
 from slmkit.fileio import write_text
-from slmkit.sizing import human_count
 from slmkit.plots import inline_svg, loss_curves, save_png, scatter
+from slmkit.sizing import human_count
 from slmkit.train.plot import read_metrics
 
 MISSING = "–"  # what an absent value shows as, in both views

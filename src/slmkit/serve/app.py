@@ -94,8 +94,8 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
         prompts = _prompts(body.prompt)
         if len(prompts) * body.n > MAX_N:
             raise ApiError(400, f"at most {MAX_N} choices per request (prompts x n)", param="n")
-        settings = Settings(body.max_tokens, body.temperature, body.top_p, body.n, body.stops, body.seed,
-                            body.logprobs, body.echo, timeout, *_penalties(body))
+        settings = Settings(body.max_tokens, body.sampling, body.n, body.logprobs, body.echo, timeout,
+                            body.output_format)
         return await _answer(backend, body, prompts, settings, chat=False, metrics=metrics)
 
     @app.post("/v1/chat/completions")
@@ -105,8 +105,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
         if body.tools:
             raise ApiError(400, "tools are not supported by this server", param="tools")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        settings = Settings(body.token_limit, body.temperature, body.top_p, body.n, body.stops, body.seed, top,
-                            False, timeout, *_penalties(body))
+        settings = Settings(body.token_limit, body.sampling, body.n, top, False, timeout, body.output_format)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
@@ -149,11 +148,6 @@ async def _read(request: Request, model_cls, max_body: int):
                        "this server does not implement it; leave it out", param=unknown[0], code="unsupported_parameter")
     body.output_format  # a bad response_format / guided_choice is refused here, before any work
     return body
-
-
-def _penalties(body) -> tuple:
-    """(frequency_penalty, presence_penalty, logit_bias, output_format) in Settings' order."""
-    return body.frequency_penalty, body.presence_penalty, dict(body.logit_bias or {}), body.output_format
 
 
 def _backend(backends: dict, name: str):

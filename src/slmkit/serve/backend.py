@@ -40,20 +40,16 @@ def parse_model_specs(specs: list[str]) -> dict[str, str]:
 
 @dataclass
 class Settings:
-    """One request's generation settings, in the server's own terms."""
+    """One request: how its tokens are chosen (`sampling`, the one sampling type; its max_new_tokens
+    is set per prompt from `max_tokens` and the room left in the context) and what the server does
+    around them."""
 
-    max_tokens: int | None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int | None  # None: as many as fit in the context
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))  # OpenAI's default
     n: int = 1
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
     top_logprobs: int | None = None  # None: no logprobs
     echo: bool = False  # completions: the answer text starts with the prompt (and logprobs cover it)
     timeout: float = 600.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
     output_format: OutputFormat | None = None  # JSON / JSON Schema / one of a set of labels
 
 
@@ -93,7 +89,7 @@ class LocalBackend:
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         try:  # the sampler's own check, answered as a 400
-            SamplingParams(logit_bias=settings.logit_bias).check_vocab(self.scheduler.config.vocab_size)
+            settings.sampling.check_vocab(self.scheduler.config.vocab_size)
         except SlmError as error:
             raise ApiError(400, str(error), param="logit_bias") from None
         max_tokens = self.context - len(ids) if settings.max_tokens is None else settings.max_tokens
@@ -145,12 +141,10 @@ class LocalRun:
         settings, loop = self.settings, asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + settings.timeout
-        params = SamplingParams(max_new_tokens=max(1, self.max_tokens), temperature=settings.temperature,
-                                top_p=settings.top_p, seed=settings.seed, frequency_penalty=settings.frequency_penalty,
-                                presence_penalty=settings.presence_penalty, logit_bias=settings.logit_bias)
+        params = replace(settings.sampling, max_new_tokens=max(1, self.max_tokens))
         for index in range(settings.n):  # choice i of a seeded request uses seed + i: different, reproducible
-            seeded = params if settings.seed is None else replace(params, seed=settings.seed + index)
-            self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), settings.stop,
+            seeded = params if params.seed is None else replace(params, seed=params.seed + index)
+            self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), params.stop,
                                  settings.top_logprobs, settings.echo and settings.top_logprobs is not None,
                                  deadline, matcher=self.grammar.matcher() if self.grammar else None))
         try:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import OutputFormat
+from slmkit.infer.sampling import SamplingParams
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
@@ -112,6 +113,14 @@ class _Common(BaseModel):
     @property
     def stops(self) -> list[str]:
         return list(self.stop or [])
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The request's sampling settings (the fields are checked above; max_new_tokens is the
+        backend's to set: it depends on the prompt's length when max_tokens is left out)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stops,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              logit_bias=dict(self.logit_bias or {}))
 
 
 def _format(kind: str, param: str, **fields) -> OutputFormat:

@@ -58,13 +58,13 @@ class RemoteRun:
         self.answered_by = backend.name  # the remote's own name for its model, once its first chunk says
 
     def _request(self) -> tuple[str, dict]:
-        s, chat = self.settings, self.prompt.messages is not None
-        body = {"model": self.backend.model or "default", "stream": True, "temperature": s.temperature,
-                "top_p": s.top_p, "n": s.n, "stop": s.stop or None, "seed": s.seed}
-        if s.frequency_penalty or s.presence_penalty:
-            body.update(frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty)
-        if s.logit_bias:  # token ids as the client sent them: the remote's own tokenizer reads them
-            body["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
+        s, p, chat = self.settings, self.settings.sampling, self.prompt.messages is not None
+        body = {"model": self.backend.model or "default", "stream": True, "temperature": p.temperature,
+                "top_p": p.top_p, "n": s.n, "stop": p.stop or None, "seed": p.seed}
+        if p.frequency_penalty or p.presence_penalty:
+            body.update(frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty)
+        if p.logit_bias:  # token ids as the client sent them: the remote's own tokenizer reads them
+            body["logit_bias"] = {str(t): b for t, b in p.logit_bias.items()}
         if s.max_tokens is not None:
             body["max_tokens"] = s.max_tokens
         body.update(_format_fields(s.output_format))

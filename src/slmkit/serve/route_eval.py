@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.fileio import write_json
 from slmkit.evals.runner import DEFAULT_SEED, choice_requests, fewshot_context, first_docs
 from slmkit.evals.tasks.base import MultipleChoiceTask
+from slmkit.fileio import write_json
 from slmkit.plots import pyplot, save_png
 
 

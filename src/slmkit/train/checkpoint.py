@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slmkit.errors import SlmError
@@ -50,8 +52,6 @@ def _save_hf(model, tokenizer, path: Path) -> None:
 
 
 def _restore_hf(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
     _load_weights(path, model, load_file(str(path / "model.safetensors")))
 
 
@@ -75,8 +75,6 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer, rng_states: list[torch.Tensor],
                     config: dict, best: bool = False, keep: int = 2, extra=None, files: ModelFiles = HF_FILES) -> Path:
     """Write the checkpoint for `state.step` atomically and point RUN/last (and RUN/best) at it."""
-    from safetensors.torch import save_file
-
     final = checkpoint_dir(run, state.step)
     tmp = partial_dir(final)
     files.save(model, tokenizer, tmp)
@@ -98,9 +96,6 @@ def save_checkpoint(run: Path, state: TrainerState, model, optimizer, tokenizer,
 def load_checkpoint(path: Path, model, optimizer, extra=None,
                     files: ModelFiles = HF_FILES) -> tuple[TrainerState, dict, list[torch.Tensor]]:
     """Restore weights (and `extra`) and optimizer in place; returns (state, saved config, per-rank RNG states)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = path.resolve()
     for name in files.required + REQUIRED + (("extra.safetensors",) if extra is not None else ()):
         if not (path / name).is_file():

@@ -23,11 +23,12 @@ from slmkit.config import ModelConfig, to_dict
 from slmkit.data.loader import Layout, TokenStream, validation_batches
 from slmkit.errors import SlmError
 from slmkit.layers import cpu_has_native_bf16
-from slmkit.presets import DEFAULT_MODEL
+from slmkit.load import inspect, load, resolve
+from slmkit.presets import DEFAULT_MODEL, get_preset
 from slmkit.tokenizer import Tokenizer, same_vocabulary
 from slmkit.train import dist
-from slmkit.train.kd import DIVERGENCES, HIDDEN_LOSSES, DistillLoss, KDConfig
 from slmkit.train.checkpoint import write_run_config
+from slmkit.train.kd import DIVERGENCES, HIDDEN_LOSSES, DistillLoss, KDConfig
 from slmkit.train.loop import TrainConfig, TrainResult, train
 from slmkit.train.pretrain import build_model
 from slmkit.train.teacher_cache import Chunks, count_chunks, open_or_build
@@ -101,8 +102,6 @@ def uses_online_teacher(kd: KDConfig) -> bool:
 
 def load_teacher(cfg: DistillConfig, device: torch.device) -> tuple[nn.Module, Tokenizer]:
     """The teacher, frozen and in eval mode, in bf16 where that is faster."""
-    from slmkit.load import load
-
     if cfg.teacher_precision not in ("auto", "fp32", "bf16"):
         raise SlmError(f"teacher_precision must be auto, fp32 or bf16, not '{cfg.teacher_precision}'")
     fast_bf16 = device.type == "cuda" or cpu_has_native_bf16()
@@ -117,7 +116,6 @@ def load_teacher(cfg: DistillConfig, device: torch.device) -> tuple[nn.Module, T
 def _teacher_vocab(cfg: DistillConfig, teacher: nn.Module | None) -> int:
     if teacher is not None:
         return teacher.config.vocab_size
-    from slmkit.load import inspect
 
     return inspect(cfg.teacher).config.vocab_size
 
@@ -126,9 +124,6 @@ def build_student(cfg: DistillConfig, tokenizer: Tokenizer, teacher_vocab: int) 
     """`model` with fresh weights, a preset's architecture with fresh weights, or a saved model to continue."""
     config = cfg.model
     if cfg.student:
-        from slmkit.load import load, resolve
-        from slmkit.presets import get_preset
-
         target = resolve(cfg.student)
         if not isinstance(target, str):
             loaded = load(cfg.student)

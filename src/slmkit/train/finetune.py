@@ -26,7 +26,6 @@ from slmkit.adapters.lora import (
     lora_layers,
     resolve_targets,
 )
-from slmkit.interop.peft import restore_adapter, save_adapter
 from slmkit.compress.quant.quantize import (
     CALIBRATED,
     QuantConfig,
@@ -43,6 +42,7 @@ from slmkit.data.tasks import FinetuneData, finetune_examples
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
 from slmkit.interop.hf import save_checkpoint
+from slmkit.interop.peft import restore_adapter, save_adapter
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.train import dist

@@ -42,6 +42,7 @@ from slmkit.train.checkpoint import (
 )
 from slmkit.train.losses import IGNORE, lm_loss
 from slmkit.train.optim import build_optimizer, lr_at
+from slmkit.train.plot import plot_run
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 # Settings that decide which windows and random numbers a step sees: a resume must keep them.
@@ -318,6 +319,4 @@ def _log(run: Path, row: dict) -> None:
 
 
 def _plot(run: Path) -> None:
-    from slmkit.train.plot import plot_run
-
     plot_run(run)

@@ -14,7 +14,6 @@ graph; this is the smallest change that removes 3 of the 7 per-layer calls.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

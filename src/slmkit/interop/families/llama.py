@@ -16,6 +16,7 @@ from slmkit.errors import SlmError
 from slmkit.interop.families.base import Family, GgufSpec
 from slmkit.rope import rope_type
 
+
 def llama3_factors(dim: int, theta: float, s: dict) -> np.ndarray:
     """llama.cpp's `rope_freqs` for Llama-3 scaling: the divisor of each dimension's frequency."""
     inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
