@@ -144,3 +144,29 @@ def test_help_explains_each_verb(verb, capsys):
         main([verb, "--help"])
     assert exit_info.value.code == 0
     assert "usage: slm " + verb in capsys.readouterr().out
+
+
+def test_template_renders_a_conversation_and_marks_what_a_finetune_trains(tmp_path, tiny_tokenizer, capsys):
+    from slmkit.data.sft import Example, encode
+
+    tiny_tokenizer.save(tmp_path)
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": chat}))
+    assert main(["template", str(tmp_path), "--user", "Hi", "--system", "Be brief."]) == 0
+    out, err = capsys.readouterr()
+    assert out == tiny_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).rstrip("\n") + "\n"
+    assert "2 messages" in err
+
+    assert main(["template", str(tmp_path), "--messages", str(tmp_path / "chat.json"), "--trained"]) == 0
+    marked = capsys.readouterr().out
+    encoded = encode(Example(messages=chat), tiny_tokenizer)
+    trained = tiny_tokenizer.decode([i for i, t in zip(encoded.ids, encoded.trained) if t], skip_special=False)
+    assert "".join(marked.split("⟦")[i].split("⟧")[0] for i in (1, 2)) == trained  # the ⟦ ⟧ spans are the loss
+
+    (tmp_path / "bad.json").write_text('[{"role": "robot", "content": "x"}]')
+    assert main(["template", str(tmp_path), "--messages", str(tmp_path / "bad.json")]) == 2
+    assert "message 0 must be" in capsys.readouterr().err
+    assert main(["template", str(tmp_path), "--user", "Hi", "--trained"]) == 2
+    assert "needs an assistant turn" in capsys.readouterr().err

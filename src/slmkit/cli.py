@@ -51,6 +51,8 @@ VERBS = (
     Verb("presets", J + "tools:PresetsJob", J + "tools:run_presets", "list the named architectures"),
     Verb("tokenize", J + "tools:TokenizeJob", J + "tools:run_tokenize",
          "show how a model's tokenizer splits a text (ids and pieces)", ("model", "text")),
+    Verb("template", J + "template:TemplateJob", J + "template:run_template",
+         "show the text a chat template makes of a conversation (and what a fine-tune trains on)", ("model",)),
     Verb("convert", J + "export:ConvertJob", J + "export:run_convert",
          "convert between GGUF and Hugging Face directories", ("src", "dst")),
     Verb("quantize", J + "compress:QuantizeJob", J + "compress:run_quantize",

@@ -135,14 +135,20 @@ def _text(row: dict, key: str, where: str, empty: bool = True) -> str:
 
 
 def _messages(row: dict, where: str) -> list[dict]:
-    messages = row.get("messages")
+    messages = check_messages(row.get("messages"), where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SlmError(f"{where}: the chat has no assistant turn, so there is nothing to learn from it")
+    return messages
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """A conversation as [{"role", "content"}, ...] with known roles and text contents, or a
+    one-line error naming the first bad message (extra keys are dropped)."""
     if not isinstance(messages, list) or not messages:
         raise SlmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise SlmError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise SlmError(f"{where}: the chat has no assistant turn, so there is nothing to learn from it")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
