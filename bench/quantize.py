@@ -10,7 +10,9 @@ file size, peak resident memory of a fresh process that loads the checkpoint and
 and batch-1 decode tokens/s (greedy, 64 new tokens after a 32-token prompt; variants interleaved
 over `rounds` and the median kept; with --compile, fp32, int8 and int4 g128 are also timed
 through torch.compile, as `slm generate --compile` runs them). Where llama-cpp-python is installed,
-llama.cpp runs our Q8_0 and Q4_0 GGUF exports on the same windows. Writes bench/results/quantize.json and prints a table.
+llama.cpp runs our Q8_0 and Q4_0 GGUF exports of the reference on the same windows, and the GGUF
+exports of the quantized variants beside their slmkit rows: int8 as q8_0 and GPTQ int4 as q4_1
+(its own codes) and as q4_0 (rounded a second time). Writes bench/results/quantize.json and prints a table.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ VARIANTS = {  # name -> QuantConfig settings (None: a float checkpoint)
     "int8": dict(method="int8"),
     "int4-rtn-g128": dict(method="int4", group_size=128, pad_groups=True),
     "int4-rtn-g32": dict(method="int4", group_size=32),
+    "int4-rtn-g64": dict(method="int4", group_size=64),
+    "int4-rtn-g64-untied": dict(method="int4", group_size=64, tie=False, head_bits=4),  # as before: float embedding
     "gptq-int4-g128": dict(method="gptq", group_size=128, pad_groups=True),
+    "gptq-int4-g64": dict(method="gptq", group_size=64),
     "awq-int4-g128": dict(method="awq", group_size=128, pad_groups=True),
 }
 
@@ -111,7 +116,10 @@ def weights_bytes(path: Path) -> int:
 # -- llama.cpp on our GGUF exports ----------------------------------------------------------------
 
 
-def llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs: Path) -> dict:
+GGUF_OF_VARIANT = {"int8": ("q8_0",), "gptq-int4-g64": ("q4_1", "q4_0"), "int4-rtn-g64": ("q4_1",)}
+
+
+def llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs: Path, paths: dict) -> dict:
     try:
         import llama_cpp
     except ImportError:
@@ -119,9 +127,14 @@ def llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs: P
         return {}
     from slmkit.interop.gguf import write_gguf
 
+    exports = [(f"llama.cpp-{kind}", reference_model, kind) for kind in ("q8_0", "q4_0")]
+    for name, kinds in GGUF_OF_VARIANT.items():
+        if name in paths:
+            model = load(str(paths[name]), dtype=torch.float32).model
+            exports += [(f"llama.cpp-{name}-{kind}", model, kind) for kind in kinds]
     rows = {}
-    for kind in ("q8_0", "q4_0"):
-        path = write_gguf(reference_model, tokenizer, runs / f"smollm2-{kind}.gguf", kind)
+    for name, model, kind in exports:
+        path = write_gguf(model, tokenizer, runs / f"{name}.gguf", kind)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=WINDOW + 64, logits_all=True, verbose=False,
                               n_threads=torch.get_num_threads(), n_batch=WINDOW)
         nll, kls = [], []
@@ -142,7 +155,7 @@ def llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs: P
                 token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
                 llm.eval([token])
             speeds.append(args.new_tokens / (time.perf_counter() - start))
-        rows[f"llama.cpp-{kind}"] = {"ppl": math.exp(statistics.mean(nll)), "kl": statistics.mean(kls),
+        rows[name] = {"ppl": math.exp(statistics.mean(nll)), "kl": statistics.mean(kls),
                                      "file_mib": path.stat().st_size / 2**20,
                                      "decode_tok_s": statistics.median(speeds), "peak_mib": None}
         del llm
@@ -217,7 +230,7 @@ def main() -> None:
     prompt = windows[0][:32].tolist()
     for (name, compiled), speed in decode_speeds(paths, dtypes, prompt, args).items():
         rows[name]["decode_compiled_tok_s" if compiled else "decode_tok_s"] = speed
-    rows.update(llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs))
+    rows.update(llama_cpp_rows(reference_model, tokenizer, windows, reference, args, runs, paths))
     report = {"bench": "quantize", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "eval_tokens": args.windows * WINDOW, "kl_tokens": args.kl_windows * (WINDOW - 1),
               "rows": rows, "targets": targets(rows), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -232,6 +245,14 @@ def targets(rows: dict) -> dict:
         return rows.get(name, {}).get(key)
 
     out = {}
+    bf16 = get("bf16", "file_mib")
+    for name, most in (("int8", 0.6), ("int4-rtn-g64", 0.35), ("gptq-int4-g64", 0.35)):
+        if bf16 and get(name, "file_mib"):
+            out[f"{name}_size_at_most_{most}x_bf16"] = get(name, "file_mib") / bf16 <= most
+    for name, kind in (("gptq-int4-g64", "q4_1"), ("int8", "q8_0")):  # the GGUF keeps the model's quality
+        ours, theirs = get(name, "ppl"), get(f"llama.cpp-{name}-{kind}", "ppl")
+        if ours and theirs:
+            out[f"{name}_gguf_{kind}_ppl_within_1%"] = abs(theirs / ours - 1) <= 0.01
     ref = get("fp32", "ppl")
     if ref and get("int8", "ppl"):
         out["int8_ppl_within_0.5%"] = get("int8", "ppl") / ref - 1 <= 0.005
@@ -263,7 +284,7 @@ def print_table(report: dict) -> None:
     columns = ["variant", "ppl", "KL", "file MiB", "peak MiB", "decode tok/s", "x fp32"]
     columns += ["compiled tok/s", "x fp32 compiled"] if compiled else []
     for column in columns:
-        table.add_column(column, justify="left" if column == "variant" else "right")
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for name, r in rows.items():
         cells = [name, f"{r['ppl']:.3f}", f"{r['kl']:.5f}", f"{r['file_mib']:.1f}",
                  f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"]

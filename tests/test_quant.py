@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from slmkit.compress.quant.gptq import gptq_int4
 from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear, kernel_layout
 from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 from slmkit.compress.quant.rtn import fake_int4, quantize_int4, quantize_int8
+from slmkit.compress.quant.tied import TiedEmbedding
 from slmkit.data.calibration import calibration_ids
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_checkpoint
@@ -111,7 +114,7 @@ def test_siblings_share_one_int4_kernel_call_and_give_the_same_logits(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
         model(ids)
-    assert len(calls) == 2 * 4 + 1  # per block: q/k/v, o, gate/up, down; then the head
+    assert len(calls) == 2 * 4  # per block: q/k/v, o, gate/up, down (the head is int8: head_bits)
     attn.k_proj(torch.randn(3, attn.k_proj.in_features))  # a sibling called alone still answers
     for m in {id(m.shared_kernel): m.shared_kernel for m in model.modules() if getattr(m, "shared_kernel", None)}.values():
         m.dissolve()
@@ -195,8 +198,71 @@ def test_quantized_checkpoint_reloads_to_the_same_logits(tmp_path, method, group
     again = load(str(tmp_path / "q")).model
     assert type(again.lm_head) is type(model.lm_head) and again.config.quantization["method"] == method
     assert torch.equal(again(ids), logits)
-    # the embedding stays a float lookup and no longer shares storage with the head
-    assert again.model.embed_tokens.weight.dtype == torch.float32 and not again.config.tie_word_embeddings
+    # the head stays tied: the embedding looks up rows of the head's one table of codes
+    assert isinstance(again.model.embed_tokens, TiedEmbedding) and again.config.tie_word_embeddings
+    assert torch.equal(again.model.embed_tokens(ids), again.lm_head.dequantized()[ids])
+    assert not any("embed_tokens" in k for k in again.state_dict())
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "gptq"])
+def test_a_tied_head_stays_tied_one_table_stored_once(tmp_path, tiny_tokenizer, method):
+    from slmkit.compress.quant.qlinear import weight_count
+    from slmkit.interop.hf import save_hf
+
+    model = _tiny(vocab_size=tiny_tokenizer.vocab_size, hidden_size=128, intermediate_size=256)
+    floats = weight_count(model)
+    cfg = QuantConfig(method=method, group_size=32, calib_samples=4, calib_seq_len=64)
+    quantize_model(model, cfg, _calib(tiny_tokenizer, cfg, model) if method == "gptq" else None, progress=False)
+    assert isinstance(model.model.embed_tokens, TiedEmbedding) and model.config.tie_word_embeddings
+    assert weight_count(model) == floats  # the shared table counts once, as the float model's did
+    ids = torch.randint(0, tiny_tokenizer.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.model.embed_tokens(ids), model.lm_head.dequantized()[ids])
+    save_hf(model, None, tmp_path / "q")
+    untied = _tiny(vocab_size=tiny_tokenizer.vocab_size, hidden_size=128, intermediate_size=256)
+    quantize_model(untied, dataclasses.replace(cfg, method="int8" if method == "int8" else "int4", tie=False),
+                   progress=False)
+    save_hf(untied, None, tmp_path / "untied")
+    size = lambda name: (tmp_path / name / "model.safetensors").stat().st_size  # noqa: E731
+    table = tiny_tokenizer.vocab_size * 128 * 4  # the float embedding an untied head leaves behind
+    assert size("untied") - size("q") > 0.9 * table
+
+
+def test_untying_says_what_it_costs(tiny_tokenizer, capsys):
+    model = _tiny(vocab_size=tiny_tokenizer.vocab_size)
+    quantize_model(model, QuantConfig(method="int8", tie=False), progress=False)
+    assert "untying the output head" in capsys.readouterr().out
+    assert type(model.model.embed_tokens) is nn.Embedding and not model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("method,group,file_type,hidden", [
+    ("int8", 0, "q8_0", 256), ("int4", 32, "q4_1", 256), ("int4", 64, "q4_1", 256), ("gptq", 128, "q4_1", 256),
+    ("int4", 64, "q4_1", 96)])  # 96 = a group and a half: the last group is zero-padded, still exact
+def test_gguf_export_writes_quantized_codes_without_rounding_them_again(tmp_path, tiny_tokenizer, method, group,
+                                                                         file_type, hidden, capsys):
+    from slmkit.interop.gguf import write_gguf
+    from slmkit.load import load
+
+    model = _tiny(vocab_size=tiny_tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden)
+    cfg = QuantConfig(method=method, group_size=group or 32, calib_samples=4, calib_seq_len=64, pad_groups=True)
+    quantize_model(model, cfg, _calib(tiny_tokenizer, cfg, model) if method == "gptq" else None, progress=False)
+    path = write_gguf(model, tiny_tokenizer, tmp_path / "q.gguf", file_type)
+    assert "rounded a second time" not in capsys.readouterr().err
+    again = load(str(path)).model.state_dict()
+    for name, ours in model.state_dict().items():
+        if name.endswith(".qweight"):
+            layer = model.get_submodule(name.rpartition(".")[0])
+            w = layer.dequantized()
+            step = layer.scales.abs().max()  # the largest quantization step of the matrix
+            theirs = again[name.replace(".qweight", ".weight")] if "lm_head" not in name else \
+                again["model.embed_tokens.weight"]
+            # only d and m are rounded (to fp16, 11 bits): an int8 code of 127 moves by 127 / 2048 of a
+            # step, an int4 one by less than 32 / 2048; rounding again moves values by up to half a step
+            assert (theirs - w).abs().max() < (0.07 if layer.bits == 8 else 0.02) * step, name
+
+    # a type whose blocks cannot hold the grid rounds again, and says by how much
+    write_gguf(model, tiny_tokenizer, tmp_path / "q4_0.gguf", "q4_0" if method != "int8" else "q4_1")
+    note = capsys.readouterr().err
+    assert "rounded a second time: relative RMS error" in note and "%" in note
 
 
 def test_quantized_files_are_4x_and_7x_smaller_for_the_linear_weights(tmp_path):
@@ -229,7 +295,8 @@ def test_calibrated_methods_quantize_a_model(tmp_path, tiny_tokenizer):
     errors = {}
     for method in ("int4", "gptq", "awq"):
         model = _tiny(vocab_size=tiny_tokenizer.vocab_size)
-        cfg = QuantConfig(method=method, group_size=32, calib=str(text), calib_samples=4, calib_seq_len=64)
+        cfg = QuantConfig(method=method, group_size=32, calib=str(text), calib_samples=4, calib_seq_len=64,
+                          head_bits=4, tie=False)  # a 4-bit head of its own is calibrated too
         quantize_model(model, cfg, _calib(tiny_tokenizer, cfg, model), progress=False)
         assert all(isinstance(model.get_submodule(n), Int4Linear) for n in ("lm_head", "model.layers.1.mlp.down_proj"))
         errors[method] = (model(ids) - reference).pow(2).mean().item()
@@ -305,7 +372,7 @@ def test_k_quant_blocks_decode_with_ggufs_dequantizer(kind):
         assert np.abs(got - original).max() <= 1.5 * span / levels + 1e-6
 
 
-@pytest.mark.parametrize("file_type,types", [("q8_0", {"Q8_0"}), ("q4_0", {"Q4_0"}), ("q4_1", {"Q4_1"}),
+@pytest.mark.parametrize("file_type,types", [("q8_0", {"Q8_0"}), ("q4_0", {"Q4_0", "Q6_K"}), ("q4_1", {"Q4_1", "Q6_K"}),
                                              ("q4_k_m", {"Q4_K", "Q6_K", "Q5_0", "Q8_0"})])
 def test_quantized_gguf_exports_read_back_and_reimport(tmp_path, tiny_tokenizer, file_type, types):
     from slmkit.interop.gguf import write_gguf
@@ -320,8 +387,9 @@ def test_quantized_gguf_exports_read_back_and_reimport(tmp_path, tiny_tokenizer,
     assert kinds["blk.0.attn_norm.weight"] == "F32"
     assert int(reader.fields["general.file_type"].parts[-1][0]) == {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15}[
         file_type]
-    if file_type == "q4_k_m":  # the 6-bit layers llama.cpp picks for attn_v/ffn_down, and the tied head
+    if file_type == "q4_k_m":  # the 6-bit layers llama.cpp picks for attn_v/ffn_down
         assert kinds["blk.0.ffn_down.weight"] == "Q6_K" and kinds["blk.1.ffn_down.weight"] == "Q4_K"
+    if file_type != "q8_0":  # the tied head in 6 bits in every 4-bit mix, as llama-quantize writes it
         assert kinds["token_embd.weight"] == "Q6_K"
     ids = torch.randint(0, tiny_tokenizer.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     again = load(str(path)).model
@@ -401,6 +469,36 @@ def test_llama_cpp_continues_our_q8_0_smollm2_export_like_slmkit(tmp_path, smoll
     prompt = smollm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
     # the first near-tie of this prompt's continuation is its 15th token
     assert _llama_cpp_agrees(load(str(path), dtype=torch.float32).model, path, prompt, 32) >= 14
+
+
+@pytest.mark.parametrize("method,file_type", [("int8", "q8_0"), ("int4", "q4_1")])
+def test_llama_cpp_runs_our_quantized_smollm2_with_its_tied_table_like_slmkit(tmp_path, smollm, method, file_type):
+    """The codes slmkit chose are the GGUF's (no second rounding, one tied table), so llama.cpp's logits
+    follow our quantized model's, not the float model's it came from."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    import copy
+
+    from slmkit.interop.gguf import write_gguf
+
+    model = copy.deepcopy(smollm.model)
+    quantize_model(model, QuantConfig(method=method, group_size=64), progress=False)
+    path = write_gguf(model, smollm.tokenizer, tmp_path / f"smollm2-{method}.gguf", file_type)
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(path)).tensors}  # one table, tied
+    ids = smollm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin, and the "
+                                  "capital of Italy is Rome. Each of these cities has a long history.")
+    with torch.no_grad():
+        ours, floats = (m(torch.tensor([ids]))[0].float() for m in (model, smollm.model))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
+    gap = lambda a, b: (a - b).abs().amax(-1).mean().item()  # noqa: E731  mean over positions of max |diff|
+    # our kernels round activations to bf16 and llama.cpp to 8 bits: ~0.8 apart at most positions (measured)
+    assert gap(theirs, ours) < 1.2
+    top2 = ours.topk(2).values
+    decided = top2[:, 0] - top2[:, 1] >= 0.5
+    assert torch.equal(theirs.argmax(-1)[decided], ours.argmax(-1)[decided])
+    if method == "int4":  # int4 moved the model away from its float self; llama.cpp moved with it
+        assert gap(theirs, ours) < 0.25 * gap(floats, ours)
 
 
 def test_llama_cpp_runs_a_model_slmkit_trained(tmp_path, story_data):

@@ -432,13 +432,19 @@ class CausalLM(nn.Module):
         return tables
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head when the config says so (call after loading)."""
-        if self.config.tie_word_embeddings:
+        """Share the embedding with the output head when the config says so (call after loading). A
+        quantized pair shares its codes instead: the embedding is then a lookup into the head's."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The residual stream's dtype (the final norm's: the embedding may be a quantized lookup)."""
+        return self.model.norm.weight.dtype
 
     def reset_rope(self) -> None:
         """Recompute the RoPE tables (after building on the `meta` device and loading weights)."""
-        self.rotary = nn.ModuleDict(self._rotaries()).to(self.model.embed_tokens.weight.device)
+        self.rotary = nn.ModuleDict(self._rotaries()).to(self.model.norm.weight.device)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random init for training from scratch: N(0, initializer_range), zero biases, unit norms."""
@@ -459,12 +465,11 @@ class CausalLM(nn.Module):
                 for i in range(self.config.num_hidden_layers)]
 
     def new_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        weight = self.model.embed_tokens.weight
-        return KVCache(self.kv_shapes(), batch, max_len, dtype or weight.dtype, weight.device)
+        return KVCache(self.kv_shapes(), batch, max_len, dtype or self.dtype, self.model.norm.weight.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, C); Gemma scales by sqrt(C) and Granite by its embedding_multiplier."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a no-op but for a quantized lookup (fp32 rows)
         m = self.config.embedding_multiplier
         return x if m == 1.0 else x * torch.tensor(m, dtype=x.dtype)  # rounded to x's dtype, as HF does
 

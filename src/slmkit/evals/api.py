@@ -88,7 +88,7 @@ def model_info(loaded) -> dict:
     section = getattr(model.config, "quantization", None) or {}
 
     params = weight_count(model)
-    bits = section.get("bits") or {"bfloat16": 16, "float16": 16}.get(str(model.model.embed_tokens.weight.dtype)
+    bits = section.get("bits") or {"bfloat16": 16, "float16": 16}.get(str(model.dtype)
                                                                       .removeprefix("torch."), 32)
     source_bits = None
     if loaded.source.tensor_types:  # a GGUF: the storage type of most tensors (e.g. Q8_0) says more

@@ -58,8 +58,7 @@ class Generation:
 def default_cache_dtype(model: CausalLM) -> torch.dtype:
     """The weights' dtype, except fp32 for bf16 weights: on CPUs a bf16 model attends faster over an
     fp32 cache (there are no native bf16 attention kernels)."""
-    weight_dtype = model.model.embed_tokens.weight.dtype
-    return torch.float32 if weight_dtype == torch.bfloat16 else weight_dtype
+    return torch.float32 if model.dtype == torch.bfloat16 else model.dtype
 
 
 class Engine:

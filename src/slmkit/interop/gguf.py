@@ -22,6 +22,7 @@ about one fp32 copy of the weights plus one tensor of scratch.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -332,13 +333,15 @@ def exported_context(c: ModelConfig, spec: GgufSpec) -> int:
 
 
 def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "f16",
-               encode: Encoder | None = None, file_type_id: int | None = None) -> Path:
+               encode: Encoder | None = None, file_type_id: int | None = None,
+               log: Callable[[str], None] | None = None) -> Path:
     """Write `model` (+ tokenizer) as GGUF of its family's llama.cpp architecture, atomically.
 
     file_type: f32, f16, q8_0, q4_0, q4_1 or q4_k_m (see `gguf_quants`); 1-D tensors stay F32.
     `encode` overrides the per-tensor choice, (gguf_name, fp32 array) -> (array, GGMLQuantizationType),
-    with `file_type_id` the llama.cpp file type to record. A quantized slmkit model is exported
-    from its dequantized weights (the GGUF type then decides the final rounding).
+    with `file_type_id` the llama.cpp file type to record. A quantized slmkit model's codes are
+    written as they are where the type's blocks hold its grid (int8 -> q8_0, int4 -> q4_1); other
+    types round its dequantized weights again, and `log` says by how much.
     """
     if encode is None and file_type not in gq.FTYPES:
         raise SlmError(f"GGUF type '{file_type}' is not supported (choose from {', '.join(gq.FTYPES)})")
@@ -346,17 +349,48 @@ def write_gguf(model, tokenizer: Tokenizer, path: str | Path, file_type: str = "
     check_exportable(config)
     spec = gguf_spec(config)
     tensors = list(export_tensors(model, spec))
+    rounding = Rounding(file_type)
     if encode is None:
-        gq.check_shapes([(name, tuple(t.shape)) for name, t in tensors], file_type)
+        gq.check_shapes([(name, tuple(t.shape)) for name, t, _ in tensors], file_type)
         encode = plain_encoder(file_type) if file_type in ("f32", "f16") else quantized_encoder(
-            file_type, config.num_hidden_layers, any(name == "output.weight" for name, _ in tensors))
+            file_type, config.num_hidden_layers, any(name == "output.weight" for name, _, _ in tensors),
+            {name: grid for name, _, grid in tensors if grid is not None}, rounding)
     def fill(writer: gguf.GGUFWriter) -> None:
         _write_metadata(writer, config, spec, gq.FTYPES.get(file_type, 0) if file_type_id is None else file_type_id)
         write_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, tensor in tensors:
+        for name, tensor, _ in tensors:
             data, kind = encode(name, tensor.detach().float().cpu().numpy())
             writer.add_tensor(name, data, raw_dtype=kind)
-    return write_gguf_file(path, spec.arch, fill)
+    path = write_gguf_file(path, spec.arch, fill)
+    if rounding.note():
+        (log or _stderr)(rounding.note())
+    return path
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class Rounding:
+    """What a quantized export did with a quantized model's codes: how many matrices it wrote on
+    their own grid, and the error of those it had to round again (relative RMS over all of them)."""
+
+    def __init__(self, file_type: str):
+        self.file_type, self.exact, self.again = file_type, 0, 0
+        self.error = self.norm = 0.0
+
+    def rounded_again(self, data: np.ndarray, stored: np.ndarray) -> None:
+        self.again += 1
+        self.error += float(np.square(stored - data).sum())
+        self.norm += float(np.square(data).sum())
+
+    def note(self) -> str:
+        if not self.again:
+            return ""
+        rel = (self.error / max(self.norm, 1e-30)) ** 0.5
+        return (f"GGUF {self.file_type} cannot hold the grid of {self.again} quantized matrices, so they are rounded "
+                f"a second time: relative RMS error {100 * rel:.2f}% of the weights ({self.exact} written exactly; "
+                "int8 models keep their codes as q8_0, int4 ones as q4_1)")
 
 
 def write_gguf_file(path: str | Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
@@ -373,10 +407,26 @@ def write_gguf_file(path: str | Path, arch: str, fill: Callable[[gguf.GGUFWriter
     return path
 
 
-def quantized_encoder(file_type: str, n_layers: int, has_output: bool) -> Encoder:
+def quantized_encoder(file_type: str, n_layers: int, has_output: bool, grids: dict[str, gq.Grid] | None = None,
+                      rounding: Rounding | None = None) -> Encoder:
+    """Each tensor in its type of the `file_type` mix; a quantized matrix (its `grids` entry) on its
+    own grid where the type can hold it, else rounded again (counted in `rounding`)."""
+    grids, rounding = grids or {}, rounding or Rounding(file_type)
+
     def encode(name: str, data: np.ndarray):
         kind = gq.tensor_type(name, data.shape, file_type, n_layers, has_output)
-        return gq.encode(data, kind), getattr(gguf.GGMLQuantizationType, kind)
+        grid = grids.get(name)
+        if grid is not None and grid.bits == 8 and kind == "Q6_K":
+            kind = "Q8_0"  # an int8 head keeps its own codes rather than losing two bits
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        exact = None if grid is None else gq.encode_on_grid(data, kind, grid)
+        if exact is not None:
+            rounding.exact += 1
+            return exact, qtype
+        raw = gq.encode(data, kind)
+        if grid is not None:
+            rounding.rounded_again(data, np.asarray(gguf.quants.dequantize(raw, qtype)).reshape(data.shape))
+        return raw, qtype
 
     return encode
 
@@ -391,23 +441,30 @@ def plain_encoder(file_type: str) -> Encoder:
 
 
 def export_tensors(model, spec: GgufSpec):
-    """(gguf_name, tensor) in the arch's layout (see the module docstring); experts stacked into (E, out, in)."""
+    """(gguf_name, tensor, grid) in the arch's layout (see the module docstring); experts stacked into
+    (E, out, in); grid: the quantization grid of a quantized linear's weight (else None)."""
     config = model.config
-    state = float_state(model)
+    state, grids = float_state(model)
     if config.tie_word_embeddings:
+        if "model.embed_tokens.weight" not in state:  # a tied quantized head: its table is the embedding
+            state["model.embed_tokens.weight"] = state["lm_head.weight"]
+            grids["model.embed_tokens.weight"] = grids.pop("lm_head.weight")
         del state["lm_head.weight"]
         if spec.output == "required":  # the graph wants its own head tensor: a copy of the embedding
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            grids["lm_head.weight"] = grids.get("model.embed_tokens.weight")
     if spec.fused_ffn:
-        _fuse_gate_up(state)
+        _fuse_gate_up(state, grids)
     for name, tensor in state.items():
         match = re.fullmatch(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w\d)\.weight", name)
         if match:
             if match.group(2) == "0":  # emit the whole stack once, at the first expert
                 for stack_name, stack in _expert_stack(state, match.group(1), match.group(3), config.num_local_experts):
-                    yield gguf_name(stack_name, config), stack
+                    yield gguf_name(stack_name, config), stack, None
             continue
-        yield gguf_name(name, config), to_file(name, tensor, config, spec)
+        grid = grids.get(name)
+        yield (gguf_name(name, config), to_file(name, tensor, config, spec),
+               None if grid is None else grid.rows(lambda t, name=name: to_file(name, t, config, spec)))
 
 
 def to_file(name: str, w: torch.Tensor, c: ModelConfig, spec: GgufSpec) -> torch.Tensor:
@@ -422,23 +479,38 @@ def to_file(name: str, w: torch.Tensor, c: ModelConfig, spec: GgufSpec) -> torch
     return w
 
 
-def _fuse_gate_up(state: dict[str, torch.Tensor]) -> None:
+def _fuse_gate_up(state: dict[str, torch.Tensor], grids: dict[str, gq.Grid]) -> None:
     """Phi-3 in llama.cpp: one ffn_up of [gate; up] rows (its swiglu takes the first half as the gate)."""
     for gate in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
         up = gate.replace("gate_proj", "up_proj")
         state[up] = torch.cat([state.pop(gate), state[up]])
+        g, u = grids.pop(gate, None), grids.pop(up, None)
+        if g is not None and u is not None and (g.group, g.bits, g.m is None) == (u.group, u.bits, u.m is None):
+            grids[up] = gq.Grid(torch.cat([g.d, u.d]), None if g.m is None else torch.cat([g.m, u.m]), g.group, g.bits)
 
 
-def float_state(model) -> dict[str, torch.Tensor]:
-    """The model's state dict with quantized linears given back as float `weight`s."""
-    state = dict(model.state_dict())
+def float_state(model) -> tuple[dict[str, torch.Tensor], dict[str, gq.Grid]]:
+    """The model's state dict with quantized linears given back as float `weight`s, and the grid
+    each of those weights lies on (by weight name)."""
+    state, grids = dict(model.state_dict()), {}
     for name, module in quantized_modules(model):
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         state[f"{name}.weight"] = module.dequantized()
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias
-    return state
+        grid = grid_of(module)
+        if grid is not None:
+            grids[f"{name}.weight"] = grid
+    return state, grids
+
+
+def grid_of(module) -> gq.Grid | None:
+    """int8: per-row scales, symmetric; int4: per-group scale and zero (w = s q - s z)."""
+    if module.bits == 8:
+        return gq.Grid(module.scales.float()[:, None], None, module.in_features, 8)
+    scales = module.scales.float()
+    return gq.Grid(scales, -scales * module.zeros.float(), module.group_size, 4)
 
 
 def _expert_stack(state, prefix: str, w: str, n_experts: int):

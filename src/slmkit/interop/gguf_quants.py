@@ -8,21 +8,30 @@ through `gguf.quants.dequantize`.
 
 q4_k_m follows llama.cpp's `llama_tensor_get_type`: Q4_K everywhere, Q6_K for the output head (or
 the tied embedding) and for attn_v/ffn_down in the layers `use_more_bits` picks; a tensor whose rows
-are not a multiple of 256 falls back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0).
+are not a multiple of 256 falls back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0). q4_0 and q4_1
+keep the head at Q6_K (Q8_0 for such rows) the same way, as llama-quantize does.
+
+An slmkit-quantized model is not rounded a second time where a block type can hold its grid
+(`Grid`, `encode_on_grid`): int8's per-row scales are Q8_0 blocks' scales, and asymmetric int4
+groups of any multiple of 32 are Q4_1 blocks (d = scale, m = -scale * zero: a group of 64 is two
+blocks with the same d and m); symmetric int4 (every zero 8) is Q4_0. Only d and m round, to fp16.
+Other pairs are rounded again, and the exporter says by how much.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
+import torch
 
 from slmkit.errors import SlmError
 from slmkit.runtime import GGUF_TYPES
 
 QK_K = 256
-# llama.cpp's LLAMA_FTYPE values
+QK = 32  # values per block of the legacy types (Q8_0, Q4_0, Q4_1)
 # llama.cpp's LLAMA_FTYPE value of each type slmkit writes (runtime.GGUF_TYPES, in that order)
 FTYPES = dict(zip(GGUF_TYPES, (0, 1, 7, 2, 3, 15)))
 BITS = dict(zip(GGUF_TYPES, (32, 16, 8.5, 4.5, 5.0, 4.8)))  # bits per weight, scales included (estimates)
@@ -44,11 +53,12 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int
     """The GGML type name for one tensor of a `file_type` export."""
     if len(shape) < 2:
         return "F32"  # norms stay exact, as in llama.cpp
-    if file_type in BLOCK_TYPES:
+    head = name == "output.weight" or (name == "token_embd.weight" and not has_output)
+    if file_type in BLOCK_TYPES and not (head and file_type != "q8_0"):
         return BLOCK_TYPES[file_type]
     kind = "Q4_K"
     layer = re.match(r"blk\.(\d+)\.", name)
-    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+    if head:  # as llama.cpp: 6 bits for the output head (or the embedding tied to it) in every 4-bit mix
         kind = "Q6_K"
     elif layer and name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(int(layer[1]), n_layers):
         kind = "Q6_K"
@@ -132,3 +142,68 @@ def q6_k_block(x: np.ndarray) -> np.ndarray:
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=-1)
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
     return np.concatenate([ql.reshape(b, 128), qh.reshape(b, 64), sc.view(np.uint8), d.view(np.uint8)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a quantized model's own grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Grid:
+    """The grid a quantized linear's weights lie on: w = d * q + m for each group of `group` input
+    columns, d and m (N, G) (m None: symmetric int8 codes, G = 1). Row-wise like the weight, so the
+    exporter's row permutations, concatenations and scalings apply to d and m unchanged."""
+
+    d: torch.Tensor
+    m: torch.Tensor | None
+    group: int
+    bits: int
+
+    def rows(self, transform) -> Grid:
+        """The grid of `transform(weight)` for a transform that acts on rows (and scales)."""
+        return Grid(transform(self.d), None if self.m is None else transform(self.m), self.group, self.bits)
+
+
+def encode_on_grid(data: np.ndarray, kind: str, grid: Grid) -> np.ndarray | None:
+    """(N, K) fp32 weights on `grid` -> the raw (N, bytes) of GGML type `kind` holding exactly those
+    codes, or None when `kind`'s blocks cannot hold the grid (the caller rounds again)."""
+    if data.ndim != 2 or grid.group % QK or data.shape[1] % QK:
+        return None
+    blocks = data.shape[1] // QK  # a zero-padded last group covers fewer blocks than the others
+    per_block = lambda t: np.repeat(t.float().numpy(), grid.group // QK, axis=1)[:, :blocks]  # noqa: E731
+    d = per_block(grid.d).astype(np.float16)
+    m = None if grid.m is None else per_block(grid.m).astype(np.float16)
+    if kind == "Q8_0" and grid.bits == 8 and m is None:
+        q = _codes(data, d, np.zeros_like(d), -127, 127).astype(np.int8)
+        return _blocks([d], q.view(np.uint8))
+    if kind == "Q4_1" and grid.bits == 4 and m is not None:
+        return _blocks([d, m], _nibbles(_codes(data, d, m, 0, 15)))
+    symmetric = m is not None and np.array_equal(m.astype(np.float32), -8 * d.astype(np.float32))
+    if kind == "Q4_0" and grid.bits == 4 and symmetric:
+        return _blocks([d], _nibbles(_codes(data, d, m, 0, 15)))
+    return None
+
+
+def _codes(data: np.ndarray, d: np.ndarray, m: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(N, K) codes q with data = d * q + m per block (d, m (N, K/32)); a block of d = 0 gets 0."""
+    n, k = data.shape
+    blocks = data.reshape(n, k // QK, QK)
+    d32, m32 = d.astype(np.float32)[..., None], m.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d32 != 0, np.rint((blocks - m32) / d32), 0)
+    return np.clip(q, lo, hi).reshape(n, k)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(N, K) codes in [0, 15] -> ggml's (N, K/32, 16) bytes: value j low, value j + 16 high."""
+    n, k = q.shape
+    blocks = q.astype(np.uint8).reshape(n, k // QK, 2, QK // 2)
+    return blocks[:, :, 0] | (blocks[:, :, 1] << 4)
+
+
+def _blocks(halves: list[np.ndarray], payload: np.ndarray) -> np.ndarray:
+    """Per block: the fp16 fields (each (N, B)) then the payload bytes -> (N, B * block bytes)."""
+    n, b = halves[0].shape
+    fields = [h.reshape(n, b, 1).view(np.uint8) for h in halves]
+    return np.concatenate([*fields, payload.reshape(n, b, -1)], axis=-1).reshape(n, -1)

@@ -167,7 +167,7 @@ def frozen_linears_to_bf16(model) -> None:
     to bf16 at every step anyway (it caches casts only of weights that train), so this is the same
     arithmetic with half the memory and no per-step casts. The embedding (and a head tied to it)
     stays in fp32: it sets the residual stream's precision."""
-    embedding = model.model.embed_tokens.weight
+    embedding = getattr(model.model.embed_tokens, "weight", None)  # a tied quantized head has none
     for module in model.modules():
         if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight is not embedding:
             module.weight.data = module.weight.data.to(torch.bfloat16)

@@ -66,6 +66,13 @@ class QuantLinear(nn.Module):
     def dequantized(self, cache: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Weight rows `index` (...) as fp32 (..., K): the lookup of a tied embedding (`tied.py`)."""
+        raise NotImplementedError
+
+    def keep_rows(self) -> None:
+        """Make `rows` cheap from now on (a tied embedding reads a few rows per token)."""
+
     def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -103,6 +110,9 @@ class Int8Linear(QuantLinear):
     def dequantized(self, cache: bool = False) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.qweight[index].float() * self.scales[index].unsqueeze(-1)
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = _kernel_input(x.reshape(-1, self.in_features))
@@ -128,12 +138,15 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales", torch.ones(out_features, groups))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.shared_kernel = None  # a `fused.SharedInputKernel` shared with sibling linears, if fused
+        self.plain_codes = False  # keep nibble-packed codes beside the kernel's packing (see `keep_rows`)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   in_features: int, bias: torch.Tensor | None = None):
-        """codes: (N, Kp) integers in [0, 15]; scales/zeros: (N, G)."""
+                   in_features: int, bias: torch.Tensor | None = None, rows: bool = False):
+        """codes: (N, Kp) integers in [0, 15]; scales/zeros: (N, G); rows: see `keep_rows`."""
         module = cls(in_features, codes.shape[0], group_size, bias is not None)
+        if rows:
+            module.keep_rows()
         module.set_codes(codes, scales, zeros)
         if bias is not None:
             module.bias.copy_(bias)
@@ -150,6 +163,22 @@ class Int4Linear(QuantLinear):
                                                                       (0, 0, 0, extra))  # (Np, G)
         self.scale_offset = torch.stack([scales.t(), offset.t()], dim=-1).contiguous()  # (G, Np, 2)
         self._cast.clear()
+        if self.plain_codes:
+            self._cast["plain"] = codes[:, 0::2].to(torch.uint8) | (codes[:, 1::2].to(torch.uint8) << 4)
+
+    def keep_rows(self) -> None:
+        """From the next `set_codes` (or load) on, keep the codes nibble-packed in row order too
+        (half a byte per weight: 14 MB for SmolLM2's head), so a row is a slice, not a probe of the
+        kernel's private packing."""
+        self.plain_codes = True
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        if "plain" not in self._cast:  # codes set before keep_rows: recover them once
+            self.codes(cache=True)
+        plain = self._cast["plain"][index]  # (..., Kp/2)
+        codes = torch.stack([plain & 15, plain >> 4], dim=-1).reshape(*index.shape, -1, self.group_size)
+        w = (codes.float() - self.zeros[index].float()[..., None]) * self.scales[index][..., None]
+        return w.reshape(*index.shape, self.padded_in)[..., : self.in_features]
 
     def codes(self, cache: bool = False) -> torch.Tensor:
         """The (N, Kp) codes, recovered from the kernel's packing (see `kernel_layout`).

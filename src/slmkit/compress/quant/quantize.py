@@ -3,8 +3,12 @@
 Methods: int8 (per-row RTN), int4 (group-wise RTN), gptq and awq (calibrated int4). Every method
 ends by swapping each chosen `nn.Linear` for an `Int8Linear`/`Int4Linear` from outside the model
 (`layers.swap_linears`), so `model.py` never changes. The output head is quantized too unless
-`lm_head=False`; a tied head is untied first, and the token embedding stays in float (it is a
-lookup, not a product).
+`lm_head=False`, in 8 bits by default whatever the method (`head_bits`: the head is the most
+sensitive matrix, and llama.cpp's 4-bit mixes keep it at 6-8 bits too). A head tied to the
+embedding stays tied (`tied.py`): one table of codes serves the head and the lookup, rounded to
+nearest -- GPTQ's error feedback and AWQ's scales fit the head's inputs and would distort the
+embedding rows that share them. `tie=False` unties it instead (a 4-bit head calibrated, the
+embedding a float copy), and says what that costs.
 
 A quantized checkpoint is an HF-style directory: model.safetensors (codes, scales, zeros, float
 norms/embedding) and config.json with a `quantization` section that says how to rebuild it.
@@ -34,8 +38,10 @@ from slmkit.compress.quant.fused import fuse_shared_inputs
 from slmkit.compress.quant.gptq import gptq_int4
 from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear
 from slmkit.compress.quant.rtn import Int4Codes, quantize_int4, quantize_int8
+from slmkit.compress.quant.tied import tie_quantized_head
 from slmkit.errors import SlmError
 from slmkit.layers import swap_linears, untie_head
+from slmkit.sizing import human_bytes
 
 METHODS = ("int8", "int4", "gptq", "awq")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -52,6 +58,10 @@ class QuantConfig:
     """allow layers whose width is not a multiple of group_size (the last group is zero-padded)"""
     lm_head: bool = field(default=True, metadata={"flag": "--keep-lm-head", "help": "keep the output head in float"})
     """quantize the output head too (it is a fifth of SmolLM2-135M's weights and of its decode time)"""
+    head_bits: int = field(default=8, metadata={"choices": (4, 8)})
+    """bits of the output head (and of a tied embedding) under int4/gptq/awq: 8 (per-row int8) or 4 like the other linears"""
+    tie: bool = True
+    """keep a head tied to the embedding tied: one quantized table serves both (off: the head is quantized alone, calibrated, and the embedding stays a float copy)"""
     calib: str | None = None
     """calibration text file or `slm prepare` directory (default: the shared WikiText-2 valid text)"""
     calib_samples: int = 64
@@ -147,16 +157,26 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     """
     chosen, kept = targets(model, cfg)
     model.float().eval()
-    if "lm_head" in chosen:
+    tied = model.config.tie_word_embeddings and "lm_head" in chosen
+    if tied and not cfg.tie:
         untie_head(model)
+        size = model.lm_head.weight.numel() * 4
+        print(f"untying the output head (quant.tie=false): the embedding stays a float copy, {human_bytes(size)} "
+              "more than one shared quantized table")
+        tied = False
+    layers, inputs = [name for name in chosen if name != "lm_head"], None
     if cfg.method == "int8":
-        made = {name: _int8_module(model.get_submodule(name)) for name in chosen}
+        made = {name: _int8_module(model.get_submodule(name)) for name in layers}
     elif cfg.method == "int4":
         made = {name: _int4_module(model.get_submodule(name), quantize_int4(_weight(model, name), cfg.group_size))
-                for name in chosen}
+                for name in layers}
     else:
-        made = _calibrated(model, cfg, check_calibration(model, calib_ids, cfg.method), chosen, progress)
+        made, inputs = _calibrated(model, cfg, check_calibration(model, calib_ids, cfg.method), layers, progress)
+    if "lm_head" in chosen:  # last: a calibrated head reads the quantized blocks' outputs
+        made["lm_head"] = _head(model, cfg, tied, inputs)
     swap_linears(model, lambda name, _linear: made.get(name))
+    if tied:
+        tie_quantized_head(model)
     fuse_shared_inputs(model)
     model.config.quantization = quant_section(cfg)
     return _report(model, cfg, chosen, kept)
@@ -171,8 +191,18 @@ def _int8_module(linear: nn.Linear) -> Int8Linear:
     return Int8Linear.from_codes(codes, scales, _bias(linear))
 
 
-def _int4_module(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
-    return Int4Linear.from_codes(q.codes, q.scales, q.zeros, q.group_size, linear.in_features, _bias(linear))
+def _int4_module(linear: nn.Linear, q: Int4Codes, rows: bool = False) -> Int4Linear:
+    return Int4Linear.from_codes(q.codes, q.scales, q.zeros, q.group_size, linear.in_features, _bias(linear), rows)
+
+
+def _head(model: nn.Module, cfg: QuantConfig, tied: bool, inputs=None) -> nn.Module:
+    """The output head: per-row int8 (the int8 method, or head_bits 8); else int4, rounded to nearest
+    when tied (see the module docstring) or without calibration inputs, calibrated otherwise."""
+    if cfg.bits == 8 or cfg.head_bits == 8:
+        return _int8_module(model.lm_head)
+    if tied or inputs is None:
+        return _int4_module(model.lm_head, quantize_int4(_weight(model, "lm_head"), cfg.group_size), rows=tied)
+    return _quantize_head(model, inputs, cfg)
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
@@ -180,7 +210,10 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
 
 
 
-def _calibrated(model, cfg: QuantConfig, ids: torch.Tensor, chosen: list[str], progress: bool) -> dict[str, nn.Module]:
+def _calibrated(model, cfg: QuantConfig, ids: torch.Tensor, chosen: list[str],
+                progress: bool) -> tuple[dict[str, nn.Module], BlockInputs]:
+    """GPTQ or AWQ over the blocks' linears in `chosen`; returns them and the calibration inputs,
+    advanced to the final norm (for the head)."""
     inputs = BlockInputs(model, ids)
     made: dict[str, nn.Module] = {}
     layers = model.model.layers
@@ -193,9 +226,7 @@ def _calibrated(model, cfg: QuantConfig, ids: torch.Tensor, chosen: list[str], p
         for name, q in step(layers[i], inputs, cfg, [n[len(prefix):] for n in names]).items():
             made[prefix + name] = q
         inputs.run(layers[i], advance=True)  # the next block sees this block's quantized outputs
-    if "lm_head" in chosen:
-        made["lm_head"] = _quantize_head(model, inputs, cfg)
-    return made
+    return made, inputs
 
 
 def _load_codes(linear: nn.Linear, q: Int4Codes) -> Int4Linear:
@@ -330,6 +361,7 @@ def quant_section(cfg: QuantConfig) -> dict:
     section = {"method": cfg.method, "bits": cfg.bits, "lm_head": cfg.lm_head, "skip": list(cfg.skip)}
     if cfg.bits == 4:
         section["group_size"] = cfg.group_size
+        section["head_bits"] = cfg.head_bits
     return section
 
 
@@ -353,9 +385,11 @@ def swap_in_empty(model: nn.Module, section: dict, names: set[str]) -> None:
             return None
         bias = linear.bias is not None
         with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned or repacked
-            if bits == 8:
+            if (section.get("head_bits", bits) if name == "lm_head" else bits) == 8:
                 return Int8Linear(linear.in_features, linear.out_features, bias)
             return Int4Linear(linear.in_features, linear.out_features, group, bias)
 
     swap_linears(model, make)
+    if model.config.tie_word_embeddings and "lm_head" in names:  # one table of codes for head and lookup
+        tie_quantized_head(model)
 
