@@ -28,10 +28,11 @@ TINY = ModelConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hi
                    num_key_value_heads=2, max_position_embeddings=128)
 
 
-def _adapted(seed: int = 0, dora: bool = False, rslora: bool = False, **changes):
+def _adapted(seed: int = 0, dora: bool = False, rslora: bool = False, layers=(), **changes):
     """A tiny model with a trained-looking adapter (B non-zero, DoRA magnitudes moved)."""
     model = random_model(TINY.replace(**changes), seed=seed)
-    add_lora(model, LoraConfig(r=4, alpha=8, dora=dora, rslora=rslora), torch.Generator().manual_seed(seed))
+    add_lora(model, LoraConfig(r=4, alpha=8, dora=dora, rslora=rslora, layers=list(layers)),
+             torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -66,6 +67,21 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, tiny_tokenizer
         ours, theirs = model(ids), _peft_load(tmp_path / "base", tmp_path / "adapter")(ids).logits
         assert (ours - base(ids)).abs().max() > 1e-2  # the adapter matters
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_an_adapter_of_the_top_blocks_only_is_peft_layers_to_transform(tmp_path, tiny_tokenizer):
+    model = _adapted(layers=[-1], num_hidden_layers=3)
+    assert {name.split(".")[2] for name, _ in lora_layers(model)} == {"2"}
+    base = random_model(TINY.replace(num_hidden_layers=3), seed=0)
+    save_hf(base, tiny_tokenizer, tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), tiny_tokenizer)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [2] and config["layers_pattern"] == "layers"
+    ids = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - _peft_load(tmp_path / "base", tmp_path / "adapter")(ids).logits).abs().max() <= 1e-4
+    with pytest.raises(SlmError, match="outside this model's 3 blocks"):
+        add_lora(random_model(TINY.replace(num_hidden_layers=3)), LoraConfig(layers=[3]))
 
 
 @pytest.mark.parametrize("dora", [False, True])

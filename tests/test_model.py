@@ -159,3 +159,15 @@ def test_padding_queries_never_see_only_masked_keys():
     assert not causal and mask.shape == (1, 1, 4, 4)
     assert mask.any(-1).all(), "every row must allow at least one key, or SDPA returns NaN"
     assert not mask[0, 0, 3, :2].any(), "real tokens never attend to padding"
+
+
+def test_pytorch_held_to_avx2_kernels_counts_as_a_cpu_without_bf16_units(monkeypatch):
+    from slmkit.layers import cpu_has_native_bf16
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # how PyTorch is told to use AVX2 kernels only
+    cpu_has_native_bf16.cache_clear()  # the answer is cached per process
+    try:
+        assert not cpu_has_native_bf16()
+    finally:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+        cpu_has_native_bf16.cache_clear()

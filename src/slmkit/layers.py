@@ -14,6 +14,7 @@ Factorizing (choosing the factors) is `slmkit.compress.lowrank`'s job.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 
@@ -28,7 +29,10 @@ UPCAST_MIN_ROWS = 4  # below this a bf16 GEMV is memory-bound and fastest as it 
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 GEMMs are fast."""
+    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 GEMMs are fast --
+    unless PyTorch is held to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 or default), as on a CPU without them."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -19,6 +19,7 @@ about a hundred lines. Parity with peft is a test, not an assumption.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,8 @@ class LoraConfig:
     """Dropout on the adapter's input during training."""
     targets: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     """Linear names to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), or all-linear (all but lm_head)."""
+    layers: list[int] = field(default_factory=list)
+    """Block indices to adapt (PEFT's layers_to_transform; negative ones count from the top: -8 is the eighth block from the last); empty adapts every block. Adapting only the top blocks stops the backward pass there: faster steps."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     dora: bool = False
@@ -193,6 +196,23 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def in_layers(model: nn.Module, names: list[str], layers: list[int]) -> list[str]:
+    """The `names` inside the blocks `layers` picks (all of them when it is empty)."""
+    if not layers:
+        return names
+    count = len(model.model.layers)
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        raise SlmError(f"lora.layers {bad} are outside this model's {count} blocks (0..{count - 1}, or -{count}..-1)")
+    keep = {i % count for i in layers}
+    return [n for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) in keep]
+
+
+def adapted_blocks(names: list[str]) -> list[int]:
+    """The block indices that adapted linears `names` sit in."""
+    return sorted({int(m[1]) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+
+
 def check_rank(model: nn.Module, names: list[str], r: int) -> None:
     if r < 1:
         raise SlmError(f"lora.r must be at least 1, got {r}")
@@ -209,7 +229,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, generator: torch.Generator | Non
     freeze everything else, and return the wrapped names."""
     if cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
         raise SlmError(f"lora.alpha must be > 0 and lora.dropout in [0, 1), got {cfg.alpha} and {cfg.dropout}")
-    names = resolve_targets(model, cfg.targets)
+    names = in_layers(model, resolve_targets(model, cfg.targets), cfg.layers)
     check_rank(model, names, cfg.r)
     model.requires_grad_(False)
 

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, base_weight, lora_layers, scaling
+from slmkit.adapters.lora import LINEAR_KINDS, LoRALinear, adapted_blocks, base_weight, lora_layers, scaling
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write, write_json
 from slmkit.interop.families import Family, export_family
@@ -74,7 +74,7 @@ def save_adapter(model: nn.Module, path: str | Path, base: str, tokenizer=None) 
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = a.m.contiguous()
     atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_json(path / OURS, _our_facts(model, base, fused))
-    write_json(path / CONFIG, peft_config(adapters, layers[0][1], base))
+    write_json(path / CONFIG, peft_config(adapters, layers[0][1], base, len(model.model.layers)))
     return path
 
 
@@ -148,7 +148,7 @@ def _join(model: nn.Module, parts: list[str], ours: dict[str, Adapter], layers: 
     return joined, [[p, ours[p].r, ours[p].alpha] for p in present]
 
 
-def peft_config(adapters: dict[str, Adapter], first: LoRALinear, base: str) -> dict:
+def peft_config(adapters: dict[str, Adapter], first: LoRALinear, base: str, n_blocks: int) -> dict:
     """PEFT's adapter_config.json; per-layer ranks or alphas that differ go into its patterns."""
     r, alpha = next(iter(adapters.values())).r, next(iter(adapters.values())).alpha
     leaves = sorted({name.rpartition(".")[2] for name in adapters})
@@ -157,10 +157,17 @@ def peft_config(adapters: dict[str, Adapter], first: LoRALinear, base: str) -> d
         "r": r, "lora_alpha": alpha, "lora_dropout": _dropout(first), "use_rslora": first.rslora,
         "use_dora": first.dora, "target_modules": leaves, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None,
+        **_layers(adapters, n_blocks),
         "rank_pattern": {name: a.r for name, a in adapters.items() if a.r != r},
         "alpha_pattern": {name: a.alpha for name, a in adapters.items() if a.alpha != alpha},
     }
+
+
+def _layers(adapters: dict[str, Adapter], n_blocks: int) -> dict:
+    """PEFT's layers_to_transform when only some blocks are adapted (lora.layers), else none."""
+    blocks = adapted_blocks(list(adapters))
+    partial = bool(blocks) and len(blocks) < n_blocks
+    return {"layers_to_transform": blocks if partial else None, "layers_pattern": "layers" if partial else None}
 
 
 def _dropout(layer: LoRALinear) -> float:
