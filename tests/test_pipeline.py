@@ -146,12 +146,25 @@ def test_kill_during_finetuning_then_rerun_ends_with_the_same_metrics(tmp_path, 
     ({"evaluate": {"task": "no_such_task", "general": []}}, "no_such_task"),
     ({"finetune": {"method": "lora", "base": "elsewhere", "data": {"task": "symptom2disease"}}}, "finetune.base"),
     ({"export": {"gguf": {"type": "q3_x"}}}, "q3_x"),
+    ({"evaluate": {"stages": ["base", "prune"], "general": []}}, "evaluate.stages names prune"),
+    ({"quantize": {"quant": {"method": "gptq", "group_size": 32, "calib": "task:no_such_task"}}}, "no_such_task"),
+    ({"quantize": {"quant": {"method": "gptq", "group_size": 32, "calib": "no/such/calib.txt"}}}, "no/such/calib.txt"),
 ])
 def test_dry_run_refuses_bad_recipes_before_any_work(tmp_path, base_dir, data_dir, change, message):
     recipe = _recipe(tmp_path, base_dir, "bad", **change)
     with pytest.raises(SlmError, match=message.replace(".", r"\.")):
         run_pipeline(PipelineJob(recipe, dry_run=True), log=lambda *_: None)
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_stages_chooses_the_models_scored(tmp_path, base_dir, data_dir):
+    def scored(**evaluate) -> dict[str, str]:
+        recipe = _recipe(tmp_path, base_dir, "chosen")
+        changes = [f"evaluate.{k}={v}" for k, v in evaluate.items()]
+        plan = run_pipeline(PipelineJob(recipe, changes, dry_run=True), log=lambda *_: None)["plan"]
+        return next(s.config.models for s in plan if s.kind == "evaluate")
+    assert list(scored()) == ["base", "finetune", "quantize"]
+    assert list(scored(stages="[base,quantize]")) == ["base", "quantize"]
 
 
 def test_dry_run_prints_the_plan_and_what_is_up_to_date(tmp_path, base_dir, data_dir, whole, capsys):

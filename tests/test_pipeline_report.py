@@ -21,17 +21,17 @@ CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"),
 ROWS = [
     {"stage": "01-base", "model": "runs/s2d/01-base", "params": 134515008, "file_mib": 513.1,
      "peak_rss_mib": 1210.0, "prefill_tps": 180.4, "decode_tps": 11.2,
-     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.112, "stderr": 0.021},
+     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.112, "stderr": 0.021, "n": 191},
      "general": {"arc_easy": {"metric": "acc_norm", "value": 0.55}, "piqa": {"metric": "acc_norm", "value": 0.63}},
      "hallucination_rate": 0.31, "wall_s": 12.0},
     {"stage": "03-finetune", "model": "runs/s2d/03-finetune", "params": 134515008, "file_mib": 513.1,
      "peak_rss_mib": 1190.0, "prefill_tps": None, "decode_tps": None,  # speed not measured
-     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.927, "stderr": 0.019},
+     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.927, "stderr": 0.019, "n": 191},
      "general": {"arc_easy": {"metric": "acc_norm", "value": 0.52}, "piqa": {"metric": "acc_norm", "value": 0.61}},
      "hallucination_rate": 0.0, "wall_s": 449.3},
     {"stage": "04-quantize", "model": "runs/s2d/04-quantize", "params": 134515008, "file_mib": 144.8,
      "peak_rss_mib": 640.0, "prefill_tps": 350.2, "decode_tps": 20.1,
-     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.915, "stderr": 0.02},
+     "task": {"name": "symptom2disease", "metric": "acc", "value": 0.915, "stderr": 0.02, "n": 191},
      "general": {"arc_easy": {"metric": "acc_norm", "value": 0.51}, "piqa": {"metric": "acc_norm", "value": 0.60}},
      "hallucination_rate": 0.004, "wall_s": 95.0},
 ]
@@ -111,7 +111,7 @@ def test_markdown_report_has_every_stage_with_missing_values_as_dashes(report):
     md = md_file.read_text(encoding="utf-8")
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| 0")}
     assert list(rows) == STAGES
-    assert "symptom2disease acc" in md and "arc_easy acc_norm" in md and "piqa acc_norm" in md
+    assert "symptom2disease acc (191 rows)" in md and "arc_easy acc_norm" in md and "piqa acc_norm" in md
     assert "134.5M" in rows["01-base"] and "0.927 ± 0.019" in rows["03-finetune"]
     assert rows["03-finetune"].count("–") == 2  # prefill and decode tok/s were not measured
     assert "7m 29s" in rows["03-finetune"] and "0.4%" in rows["04-quantize"]
@@ -122,10 +122,17 @@ def test_markdown_report_has_every_stage_with_missing_values_as_dashes(report):
     assert not list(md_file.parent.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_the_table_says_how_many_rows_each_score_counts():
+    fewer = [*ROWS[:2], {**ROWS[2], "task": {**ROWS[2]["task"], "n": 96}}]
+    md = markdown_table(fewer)
+    assert "symptom2disease acc |" in md  # the counts differ: each cell says its own
+    assert "0.927 ± 0.019 (n=191)" in md and "0.915 ± 0.020 (n=96)" in md
+
+
 def test_html_report_is_one_self_contained_page_with_table_and_plots(report):
     html_file, _ = report
     page = _parse(html_file)
-    assert page.head[0][:2] == ["stage", "parameters"] and "symptom2disease acc" in page.head[0]
+    assert page.head[0][:2] == ["stage", "parameters"] and "symptom2disease acc (191 rows)" in page.head[0]
     assert [row[0] for row in page.body] == STAGES
     assert all(len(row) == len(page.head[0]) for row in page.body)
     assert page.svg_ids == PLOT_IDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import gguf
 import numpy as np
@@ -18,7 +19,8 @@ from slmkit.compress.quant.qlinear import Int4Linear, Int8Linear, kernel_layout
 from slmkit.compress.quant.quantize import QuantConfig, quantize_model
 from slmkit.compress.quant.rtn import fake_int4, quantize_int4, quantize_int8
 from slmkit.compress.quant.tied import TiedEmbedding
-from slmkit.data.calibration import calibration_ids
+from slmkit.data.calibration import calibration_ids, check_calibration
+from slmkit.data.tasks import task_data
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_checkpoint
 
@@ -197,11 +199,21 @@ def test_quantized_checkpoint_reloads_to_the_same_logits(tmp_path, method, group
     save_checkpoint(model, None, tmp_path / "q")
     again = load(str(tmp_path / "q")).model
     assert type(again.lm_head) is type(model.lm_head) and again.config.quantization["method"] == method
+    stored = {k: v["dtype"] for k, v in _header(tmp_path / "q" / "model.safetensors").items() if k.endswith("scales")}
+    blocks = {d for k, d in stored.items() if "layers" in k}  # int4 group scales are fp16 values: 2 bytes each
+    assert blocks == ({"F16"} if method == "int4" else {"F32"})
     assert torch.equal(again(ids), logits)
     # the head stays tied: the embedding looks up rows of the head's one table of codes
     assert isinstance(again.model.embed_tokens, TiedEmbedding) and again.config.tie_word_embeddings
     assert torch.equal(again.model.embed_tokens(ids), again.lm_head.dequantized()[ids])
     assert not any("embed_tokens" in k for k in again.state_dict())
+
+
+def _header(path) -> dict:
+    """The tensors' entries of a safetensors file's JSON header (dtype, shape, offsets)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return {k: v for k, v in json.loads(f.read(size)).items() if k != "__metadata__"}
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "gptq"])
@@ -554,3 +566,21 @@ def test_prepared_calibration_data_must_share_the_models_tokenizer(story_data, t
         calibration_ids(tiny_tokenizer, str(story_data), 2, 32, 512)
     ids = calibration_ids(Tokenizer.from_dir(story_data), str(story_data), 2, 32, 512)
     assert ids.shape == (2, 32)
+
+
+def test_calibration_on_a_task_reads_its_training_chats_only(tiny_tokenizer, data_dir):
+    """`task:NAME` windows are the task's training conversations, rendered with the chat template
+    and shuffled (the file groups rows by label); no validation or test row is ever read."""
+    data = task_data("symptom2disease", data_dir / "tasks")
+    ids = calibration_ids(tiny_tokenizer, "task:symptom2disease", 8, 256, tiny_tokenizer.vocab_size)
+    assert ids.shape == (8, 256)
+    text = tiny_tokenizer.decode(ids.flatten().tolist(), skip_special=False)
+    assert "<|im_start|>assistant\n" in text and data.train[0].messages[0]["content"] in text
+    answers = {e.label for e in data.train if f"\n{e.label}<|im_end|>" in text}
+    assert len(answers) > 5  # a shuffled sample of the diseases, not the file's first label
+    held_out = [e.messages[1]["content"] for e in data.split("val") + data.split("test")]
+    assert not any(user in text for user in held_out)
+    with pytest.raises(SlmError, match="no_such_task"):
+        check_calibration("task:no_such_task")
+    with pytest.raises(SlmError, match="not found"):
+        check_calibration("no/such/file.txt")

@@ -256,6 +256,7 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     state = {k: (v.detach() if k.startswith(quantized) or not v.is_floating_point() else v.detach().to(dtype))
              .contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    state = {k: _compact(k, v, quantized) for k, v in state.items()}
     state = to_family_names(export_family(config), config, state)
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     hf_config = config_to_hf(config, dtype)
@@ -270,6 +271,16 @@ def save_hf(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.d
     return path
 
 
+
+
+def _compact(key: str, value: torch.Tensor, quantized: tuple[str, ...]) -> torch.Tensor:
+    """A quantized layer's fp32 scales stored in fp16 when that loses nothing (int4 groups' scales
+    are fp16 values: `compress.quant.rtn.int4_grid`); loading reads them back as fp32."""
+    if key.endswith(".scales") and key.startswith(quantized) and value.dtype == torch.float32:
+        half = value.half()
+        if torch.equal(half.float(), value):
+            return half
+    return value
 
 
 def save_checkpoint(model, tokenizer: Tokenizer | None, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -19,7 +19,7 @@ from slmkit.compress.prune import PruneConfig, check_prune, prune_model
 from slmkit.compress.quant.quantize import CALIBRATED, QuantConfig, quantize_model, targets
 from slmkit.compress.structured import StructuredConfig, check_structured, prune_structured
 from slmkit.config import ModelConfig
-from slmkit.data.calibration import calibration_ids
+from slmkit.data.calibration import calibration_ids, check_calibration
 from slmkit.errors import SlmError
 from slmkit.interop.hf import save_checkpoint
 from slmkit.load import Loaded, load
@@ -90,17 +90,22 @@ def _calibration(loaded: Loaded, calib: str | None, samples: int, seq_len: int, 
 
 
 def check_quantize(model: torch.nn.Module, job: QuantizeJob) -> None:
-    """Every setting against the model's linears (widths, group size); also works on a meta model."""
+    """Every setting against the model's linears (widths, group size), and the calibration source
+    where the method reads one; also works on a meta model."""
     targets(model, job.quant)
+    if job.quant.method in CALIBRATED:
+        check_calibration(job.quant.calib)
 
 
 def run_quantize(job: QuantizeJob, log: Log = print) -> str:
     """Quantize and save; returns the report's summary line."""
     _require_out(job)
+    q = job.quant
+    if q.method in CALIBRATED:
+        check_calibration(q.calib)  # before minutes of loading
     use_threads(job.threads)
     loaded = load_whole(job.model, log)
     started = time.perf_counter()
-    q = job.quant
     ids = _calibration(loaded, q.calib, q.calib_samples, q.calib_seq_len, job.model) if q.method in CALIBRATED else None
     report = quantize_model(loaded.model, q, ids)  # checks every setting before any work
     out = save_checkpoint(loaded.model, loaded.tokenizer, job.out)

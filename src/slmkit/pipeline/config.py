@@ -43,6 +43,9 @@ class EvaluateStage:
     """general tasks (slm eval's names) that show what the other stages cost outside the task"""
     general_limit: int | None = 200
     """documents per general task (None = all)"""
+    stages: list[str] | None = None
+    """the stages whose models are scored, by kind (e.g. [base, quantize]: a fine-tuned model the next stage
+    quantizes is then scored once, in its final form); null = every stage that made a model"""
     eval: EvalJob = field(default_factory=EvalJob)
     """scoring settings (batch_size, seed, data_dir, runtime); the model and tasks are set per stage"""
     bench: BenchSettings | None = field(default_factory=lambda: BenchSettings(prompt_tokens=128, new_tokens=64, runs=3))

@@ -69,7 +69,8 @@ def task_cells(task: str, doc: dict) -> dict:
     metrics = result["metrics"]
     primary = _primary(metrics)
     info = doc["model_info"]
-    return {"task": {"name": task, **primary, "stderr": (result.get("stderr") or {}).get(primary["metric"])},
+    return {"task": {"name": task, **primary, "stderr": (result.get("stderr") or {}).get(primary["metric"]),
+                     "n": result.get("n")},
             "hallucination_rate": metrics.get("hallucination_rate"), "params": info["params"],
             "file_mib": info["file_mib"]}
 

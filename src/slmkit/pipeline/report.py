@@ -109,8 +109,11 @@ def _columns(rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
     picks = [(name, task(name)) for name in _ordered(_task(r)["name"] for r in rows if _task(r).get("name"))]
     picks += [(name, bench(name)) for name in _ordered(name for r in rows for name in _general(r))]
     for name, pick in picks:
-        columns.append((f"{name} {_metric_name(rows, pick)}".strip(),
-                        lambda r, pick=pick: _metric(pick(r).get("value"), pick(r).get("stderr"))))
+        counts = {pick(r).get("n") for r in rows if pick(r).get("value") is not None}
+        same = len(counts) == 1 and None not in counts  # one count for the column: said once, in its header
+        header = f"{name} {_metric_name(rows, pick)}".strip() + (f" ({counts.pop()} rows)" if same else "")
+        columns.append((header, lambda r, pick=pick, same=same: _metric(pick(r).get("value"), pick(r).get("stderr"))
+                        + ("" if same or pick(r).get("n") is None else f" (n={pick(r)['n']})")))
     columns += [("hallucination rate", lambda r: _percent(r.get("hallucination_rate"))),
                 ("wall time", lambda r: _duration(r.get("wall_s")))]
     return columns

@@ -254,10 +254,16 @@ class Evaluate(Stage):
     joins = "for each stage's model; choose tasks with evaluate.task/general and limits with task_limit/general_limit"
 
     def resolve(self, flow):
-        return EvaluateRun(flow.cfg.evaluate, flow.task(), dict(flow.models))
+        chosen = flow.cfg.evaluate.stages
+        models = {k: m for k, m in flow.models.items() if chosen is None or k in chosen}
+        return EvaluateRun(flow.cfg.evaluate, flow.task(), models)
 
     def check(self, config: EvaluateRun, shape, flow):
         stage = config.evaluate
+        missing = [k for k in stage.stages or [] if k not in flow.models]
+        if missing:
+            raise SlmError(f"evaluate.stages names {', '.join(missing)}, which made no model in this recipe; "
+                           f"choose from {', '.join(flow.models) or 'none'}")
         data_dir = stage.eval.data_dir or default_data_dir()
         rows = 0.0
         for name in ([config.task] if config.task else []) + list(stage.general):

@@ -63,7 +63,7 @@ class QuantConfig:
     tie: bool = True
     """keep a head tied to the embedding tied: one quantized table serves both (off: the head is quantized alone, calibrated, and the embedding stays a float copy)"""
     calib: str | None = None
-    """calibration text file or `slm prepare` directory (default: the shared WikiText-2 valid text)"""
+    """calibration text file, `slm prepare` directory, or task:NAME (a built-in task's training chats, the way to calibrate a model fine-tuned for it) (default: the shared WikiText-2 valid text)"""
     calib_samples: int = 64
     """calibration windows"""
     calib_seq_len: int = 512

@@ -39,6 +39,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
+FP16_TINY = 2.0**-14  # fp16's smallest normal number
+
+
 def pad_columns(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Zero columns up to a multiple of the group size (they meet zero activations in the kernel)."""
     extra = -w.shape[1] % group_size
@@ -46,9 +49,13 @@ def pad_columns(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def int4_grid(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of each group: groups (..., g) -> scales (...), zeros (...) as floats."""
+    """Scale and zero point of each group: groups (..., g) -> scales (...), zeros (...) as floats.
+
+    Scales are fp16 values (held in fp32): a checkpoint stores them in 2 bytes, and GGUF's Q4_1/Q4_0
+    blocks hold them exactly, as llama.cpp's own fp16 block scales (a relative change of at most
+    2^-11, far below the rounding of the codes). The smallest is fp16's smallest normal number."""
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((hi - lo) / INT4_MAX).clamp(min=1e-8)
+    scales = ((hi - lo) / INT4_MAX).clamp(min=FP16_TINY).half().float()
     zeros = torch.round(-lo / scales).clamp(0, INT4_MAX)
     return scales, zeros
 
