@@ -177,7 +177,7 @@ def speed_vs_peft(rounds: int = 5, steps: int = 4, precision: str = "fp32") -> d
     from slmkit.data.tasks import task_data
     from slmkit.interop.hf import save_hf
     from slmkit.load import load
-    from slmkit.train.finetune import frozen_linears_to_bf16
+    from slmkit.train.adapt import frozen_linears_to_bf16
     from slmkit.train.losses import masked_lm_loss
     from slmkit.train.optim import build_optimizer
 

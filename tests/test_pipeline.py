@@ -185,3 +185,33 @@ def test_shipped_recipes_pass_the_dry_run(recipe, data_dir):
     path = Path(__file__).parents[1] / "configs" / "pipeline" / recipe
     plan = run_pipeline(PipelineJob(path, dry_run=True), log=lambda *_: None)["plan"]
     assert plan[0].kind == "base" and all(s.estimate.seconds >= 0 for s in plan)
+
+
+def _jsonl(path: Path, examples) -> str:
+    path.write_text("".join(json.dumps({"messages": e.messages, "label": e.label}) + "\n" for e in examples))
+    return str(path)
+
+
+def test_a_recipe_for_the_users_own_files(tmp_path, base_dir, data_dir):
+    """finetune.data.train + evaluate.data: the user's rows are trained on and scored (slm eval --data);
+    a label the training file never shows is refused before any work."""
+    from slmkit.data.tasks import task_data
+
+    s2d = task_data("symptom2disease", data_dir / "tasks")
+    train = _jsonl(tmp_path / "train.jsonl", s2d.train[:40])
+    labels = {e.label for e in s2d.train[:40]}
+    test = _jsonl(tmp_path / "test.jsonl", [e for e in s2d.test if e.label in labels][:6])
+    finetune = {"method": "lora", "epochs": 0, "data": {"train": train, "val_fraction": 0.1},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "train": {"steps": 4, "micro_batch_size": 4, "seq_len": 64, "eval_every": 0, "checkpoint_every": 4,
+                          "precision": "fp32"}}
+    recipe = _recipe(tmp_path, base_dir, "mine", full=False, finetune=finetune,
+                     evaluate={"data": test, "general": [], "bench": None})
+    result = run_pipeline(PipelineJob(recipe), log=lambda *_: None)
+    rows = {r["stage"]: r["task"] for r in result["rows"]}
+    assert {t["name"] for t in rows.values()} == {"file:test.jsonl"} and {t["n"] for t in rows.values()} == {6}
+    unseen = _jsonl(tmp_path / "unseen.jsonl", [e for e in s2d.test if e.label not in labels][:2])
+    bad = _recipe(tmp_path, base_dir, "unseen", full=False, finetune=finetune,
+                  evaluate={"data": unseen, "general": [], "bench": None})
+    with pytest.raises(SlmError, match=r"unseen\.jsonl:1: label '.*' never appears in the training file"):
+        run_pipeline(PipelineJob(bad, dry_run=True), log=lambda *_: None)

@@ -46,6 +46,26 @@ def scatter(points: list[Point], xlabel: str, ylabel: str, title: str | None = N
     return fig
 
 
+def confusion_plot(counts: list[list[int]], labels: list[str], title: str):
+    """A confusion matrix as a heat map: rows the expected label, columns the predicted one, each
+    cell's count written in it (empty cells left blank)."""
+    n = len(labels)
+    size = min(4 + 0.35 * n, 16)
+    fig, ax = pyplot().subplots(figsize=(size, size * 0.85))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n > 12 else 9)
+    ax.set_yticks(range(n), labels, fontsize=7 if n > 12 else 9)
+    top = max((max(row) for row in counts), default=0)
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                        color="white" if count > top / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="expected", title=title)
+    fig.tight_layout()
+    return fig
+
+
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average, bias-corrected (as TensorBoard's smoothing)."""
     out, avg = [], 0.0

@@ -16,12 +16,14 @@ This module does not read or write GGUF files itself (see `slmkit.interop.gguf`)
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -344,6 +346,17 @@ def _dir_template(path: Path, conf: dict) -> str | None:
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, **extra) -> str:
     """Jinja2 in a sandbox with the settings and helpers transformers gives templates (trim_blocks,
     lstrip_blocks, raise_exception, strftime_now: Llama 3.x's templates print today's date)."""
+    try:
+        return compiled_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except TemplateError as err:
+        raise SlmError(f"chat template failed: {err}") from err
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_template(template: str) -> Template:
+    """A template compiled once (as transformers caches it): compiling costs ~4 ms, rendering ~0.1 ms,
+    and an evaluation renders every prompt and every label answer (2,304 renders for 96 rows)."""
     def raise_exception(message):
         raise TemplateError(message)
 
@@ -351,8 +364,7 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        return env.from_string(template)
     except TemplateError as err:
         raise SlmError(f"chat template failed: {err}") from err
 

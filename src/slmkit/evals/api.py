@@ -18,6 +18,8 @@ from slmkit.evals.runner import DEFAULT_SEED, run_task
 from slmkit.evals.tasks import make_task
 from slmkit.fileio import write_json
 
+CONFUSION_TABLE_MAX = 12  # labels beyond which the confusion matrix is only drawn (the plot), not printed
+
 
 def default_data_dir() -> Path:
     shared = shared_data_dir()
@@ -38,16 +40,20 @@ def parse_shots(text: str | None) -> list[int] | None:
     return shots
 
 
-def evaluate(lm, task_names: list[str], shots: list[int] | None = None, limit: int | dict | None = None,
+def evaluate(lm, task_names: list, shots: list[int] | None = None, limit: int | dict | None = None,
              seed: int = DEFAULT_SEED, data_dir: Path | None = None, progress: bool = True,
              model_name: str = "model", on_result=None) -> dict:
     """Score `lm` on every task (each at `shots`, or its own default) and return the results document.
 
+    task_names: registry names, or Task objects (`user_task`: the user's own file).
+
     limit: documents per task (MMLU: per subject), one number for all or {task: number or None}.
     on_result(doc so far): called after each task, so a long run can save what it has."""
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    tasks = [make_task(name, data_dir) for name in task_names]  # unknown names fail before any work
-    limits = limit if isinstance(limit, dict) else {name: limit for name in task_names}
+    if any(isinstance(t, str) for t in task_names):
+        data_dir = Path(data_dir) if data_dir else default_data_dir()
+    # unknown names fail before any work; a Task object (the user's file) is scored as it is
+    tasks = [make_task(t, data_dir) if isinstance(t, str) else t for t in task_names]
+    limits = limit if isinstance(limit, dict) else {task.name: limit for task in tasks}
     if any(v is not None and v < 1 for v in limits.values()):
         raise SlmError("--limit must be at least 1")
     results = []
@@ -123,4 +129,21 @@ def results_table(doc: dict):
                           f"{value:.4f}", "" if err is None or math.isnan(err) else f"{err:.4f}",
                           str(r["n"]) if i == 0 else "", f"{r['seconds']:.0f}" if i == 0 else "",
                           "; ".join(notes) if i == 0 else "")
+    return table
+
+
+def class_table(result: dict) -> Table:
+    """Per-class precision and recall (± standard error), F1 and support of a classification result,
+    then its confusion matrix when the label set is small enough to read in a terminal."""
+    extra = result["extra"]
+    table = Table(title=f"{result['task']}: per class (likelihood predictions)")
+    for column in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    se = lambda v: "" if v is None or math.isnan(v) else f" ± {v:.3f}"  # noqa: E731
+    for label, c in extra["per_class"].items():
+        table.add_row(label, f"{c['precision']:.3f}{se(c['precision_se'])}", f"{c['recall']:.3f}{se(c['recall_se'])}",
+                      f"{c['f1']:.3f}", str(c["support"]))
+    if len(extra["labels"]) <= CONFUSION_TABLE_MAX:
+        table.caption = "confusion (rows: expected, columns: predicted, in label order):\n" + "\n".join(
+            f"{label[:16]:>16} " + " ".join(f"{n:>3}" for n in row) for label, row in zip(extra["labels"], extra["confusion"]))
     return table

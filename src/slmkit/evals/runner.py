@@ -50,6 +50,12 @@ def run_task(lm, task: Task, shots: int, limit: int | None = None, seed: int = D
                         docs.skipped, truncated)
     if docs.skipped:
         result.extra["first_bad_row"] = docs.first_bad
+    summarize = getattr(task, "summarize", None)  # scores of the whole set (macro-F1) and what to keep
+    if summarize is not None:
+        more, more_stderr, extra = summarize(rows, per_doc)
+        result.metrics.update(more)
+        result.stderr.update(more_stderr)
+        result.extra.update(extra)
     grouped = getattr(task, "group_of", None)
     if grouped is not None:
         result.extra.update(group_metrics([grouped(d) for d in rows], per_doc))
@@ -113,11 +119,12 @@ def _label_set(lm, task, rows, contexts, progress) -> tuple[list[dict], int]:
 
 
 def aggregate(per_doc: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean of each metric and its standard error (sample stdev / sqrt(n), as lm-evaluation-harness)."""
+    """Mean of each metric and its standard error (sample stdev / sqrt(n), as lm-evaluation-harness);
+    a per-document value whose name starts with "_" (a predicted label, an answer) is not a metric."""
     if not per_doc:
         return {}, {}
     metrics, stderr = {}, {}
-    for name in per_doc[0]:
+    for name in (n for n in per_doc[0] if not n.startswith("_")):
         values = [d[name] for d in per_doc]
         metrics[name] = statistics.fmean(values)
         stderr[name] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")

@@ -15,14 +15,18 @@ import torch
 from rich.console import Console
 
 from slmkit.errors import SlmError
-from slmkit.evals.api import evaluate, model_info, parse_shots, results_table, save_results
+from slmkit.evals.api import class_table, evaluate, model_info, parse_shots, results_table, save_results
 from slmkit.evals.device import SWEEP_PRESETS, BenchSettings, ModelBench, bench_table, measure, sweep_plot
 from slmkit.evals.endpoint import EndpointLM
 from slmkit.evals.lm import LlamaCppLM, LocalLM
 from slmkit.evals.perplexity import text_perplexity
 from slmkit.evals.tasks import DEFAULT_SUITE, TASKS
+from slmkit.evals.tasks.harness_yaml import harness_tasks
+from slmkit.evals.tasks.userfile import KINDS, user_task
+from slmkit.fileio import write_text
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
 from slmkit.load import load
+from slmkit.plots import confusion_plot, save_png
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.runtime import Runtime, use_threads
 
@@ -35,6 +39,16 @@ class EvalJob:
     """comma-separated tasks (default: the suite hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq,mmlu,gsm8k, under an hour for a 135M model); `list` shows them all"""
     shots: str | None = None
     """few-shot examples, e.g. 0 or 0,5 (default: each task's own: 0, and 5 for gsm8k); several values report the gain"""
+    data: str | None = field(default=None, metadata={"metavar": "FILE.jsonl"})
+    """your own rows: a JSONL of chats (`messages`) or `prompt` rows, with a `label` (classification) or references / the answer (generation), formatted as slm finetune trains them; the answers go to a JSONL beside the results"""
+    data_kind: str = field(default="auto", metadata={"choices": KINDS})
+    """--data: classification (accuracy, macro-F1, per-class scores, confusion matrix), generation (ROUGE, exact match, chrF) or auto (labels, or few distinct answers, mean classification)"""
+    train_data: str | None = field(default=None, metadata={"metavar": "FILE.jsonl"})
+    """--data: the file the model was fine-tuned on: an evaluated label it never shows is refused before work, and --shots draws from it"""
+    include_path: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """a folder of lm-evaluation-harness task YAMLs (multiple_choice, generate_until) over local json/csv files; name their tasks in --tasks"""
+    data_max_tokens: int = 256
+    """--data generation: new tokens per answer (SciTLDR's built-in task uses 96)"""
     limit: int | None = None
     """score only the first N documents of each task (MMLU: of each subject); the default suite uses its own limits (see README), other tasks default to all documents"""
     full: bool = False
@@ -81,9 +95,10 @@ def eval_output(job: EvalJob) -> Path:
 def task_plan(job: EvalJob) -> tuple[list[str], list[int] | None, int | dict | None]:
     """(task names, shot counts, limit) the job asks for; bad values are refused before any work."""
     shots = parse_shots(job.shots)
-    names = [t.strip() for t in (job.tasks or ",".join(DEFAULT_SUITE)).split(",") if t.strip()]
+    suite = "" if job.data else ",".join(DEFAULT_SUITE)  # --data alone scores the file alone
+    names = [t.strip() for t in (job.tasks or suite).split(",") if t.strip()]
     limit = job.limit
-    if limit is None and not job.tasks and not job.full:
+    if limit is None and not job.tasks and not job.data and not job.full:
         limit = dict(DEFAULT_SUITE)
     return names, shots, limit
 
@@ -93,6 +108,13 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict:
     use_threads(job.runtime.threads)
     names, shots, limit = task_plan(job)
     out = eval_output(job)
+    if job.include_path:  # the harness YAMLs' tasks by name, read and checked before any model loads
+        harness = harness_tasks(job.include_path)
+        names = [harness.get(n, n) for n in names]
+    if job.data:  # read and checked before any model loads
+        names = names + [user_task(job.data, job.data_kind, job.train_data, job.data_max_tokens)]
+    elif job.train_data:
+        raise SlmError("--train-data goes with --data (the file to score)")
     if job.endpoint:
         if job.perplexity:
             raise SlmError("perplexity needs the model's weights here; it does not work with an endpoint")
@@ -110,7 +132,24 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict:
         doc = evaluate(lm, names, shots, limit, job.seed, job.data_dir, progress, job.model,
                        on_result=lambda partial: save_results({**partial, "model_info": info, "partial": True}, out))
         doc["model_info"] = info
-    save_results(doc, out)
+    save_results(keep_answers(doc, out), out)
+    return doc
+
+
+def keep_answers(doc: dict, out: Path) -> dict:
+    """Each --data result's answers moved out of `doc` into OUT.answers.jsonl (one row per
+    document: where, expected, the model's answer and its scores) and its confusion matrix drawn
+    beside it; the results JSON names both files."""
+    for r in doc.get("results", []):
+        answers = r["extra"].pop("answers", None)
+        if answers is None:
+            continue
+        path = out.with_suffix(".answers.jsonl")
+        write_text(path, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+        r["extra"]["answers_file"] = str(path)
+        if "confusion" in r["extra"]:
+            r["extra"]["confusion_plot"] = str(save_png(confusion_plot(r["extra"]["confusion"], r["extra"]["labels"],
+                                                                       r["task"]), out.with_suffix(".confusion.png")))
     return doc
 
 
@@ -145,7 +184,14 @@ def eval_verb(job: EvalJob) -> None:
     job = replace(job, output=str(eval_output(job)))  # one path, said at the end
     doc = run_eval(job)
     if "results" in doc:
-        Console().print(results_table(doc))
+        console = Console()
+        console.print(results_table(doc))
+        for r in doc["results"]:
+            if "per_class" in r["extra"]:
+                console.print(class_table(r))
+            for key in ("answers_file", "confusion_plot"):
+                if key in r["extra"]:
+                    print(f"wrote {r['extra'][key]}")
     print(f"wrote {job.output}")
 
 
@@ -190,6 +236,8 @@ EVAL_EXAMPLES = """examples:
   slm eval smollm2-135m-instruct --perplexity ../shared/data/corpus/wikitext2/valid.txt
   slm eval runs/s2d-lora --tasks symptom2disease        # a fine-tuned model on its task's test split
   slm eval runs/s2d-lora --tasks symptom2disease:val    # ... on the validation split, to choose settings
+  slm eval runs/my-lora --data my_test.jsonl --train-data my_train.jsonl   # your own held-out rows
+  slm eval runs/my-lora --include-path my_tasks/ --tasks my_task            # lm-evaluation-harness YAMLs
 
 Prompt formats and metrics follow lm-evaluation-harness (each task's docstring quotes them);
 results do not depend on --batch-size and are the same on every run.

@@ -4,9 +4,9 @@ when `resume` says so) and say where the results are. The recipes themselves liv
 from __future__ import annotations
 
 from slmkit.train import dist
+from slmkit.train.adapt import FinetuneConfig
 from slmkit.train.distill import DistillConfig
 from slmkit.train.distill import run as distill
-from slmkit.train.finetune import FinetuneConfig
 from slmkit.train.finetune import run as finetune
 from slmkit.train.loop import TrainResult
 from slmkit.train.pretrain import PretrainConfig

@@ -23,8 +23,8 @@ from slmkit.jobs.compress import LowRankJob, PruneJob, QuantizeJob
 from slmkit.jobs.evaluate import EvalJob
 from slmkit.jobs.export import GgufJob
 from slmkit.presets import DEFAULT_MODEL
+from slmkit.train.adapt import FinetuneConfig
 from slmkit.train.distill import DistillConfig
-from slmkit.train.finetune import FinetuneConfig
 
 
 @dataclass
@@ -37,6 +37,8 @@ class BaseStage:
 class EvaluateStage:
     task: str | None = None
     """the task's own metric (slm eval's name, e.g. symptom2disease); default: the fine-tuning task, if any"""
+    data: str | None = field(default=None, metadata={"metavar": "FILE.jsonl"})
+    """your own held-out rows (slm eval --data) scored in place of a built-in task; with finetune.data.train, a label that file never shows is refused before work"""
     task_limit: int | None = None
     """documents of the task's test split scored (None = all)"""
     general: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
@@ -49,6 +51,10 @@ class EvaluateStage:
     eval: EvalJob = field(default_factory=EvalJob)
     """scoring settings (batch_size, seed, data_dir, runtime); the model and tasks are set per stage"""
     bench: BenchSettings | None = field(default_factory=lambda: BenchSettings(prompt_tokens=128, new_tokens=64, runs=3))
+
+    def task_job(self, task: str) -> dict:
+        """The EvalJob fields that score the lead task: the user's file (`data`) or the named task."""
+        return {"tasks": None, "data": self.data} if self.data else {"tasks": task}
     """`slm bench` settings for each stage's model (torch engine: the weights as each stage left them); null = no speed columns"""
 
 

@@ -65,7 +65,7 @@ def check_in_llamacpp(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage |
         return None, []
     row: dict = {"stage": f"{stage} (GGUF {cfg.gguf.type.upper()}, llama.cpp)", "model": outputs["gguf"]}
     if evaluate is not None and task:
-        job = dataclasses.replace(evaluate.eval, model=outputs["gguf"], tasks=task, limit=evaluate.task_limit,
+        job = dataclasses.replace(evaluate.eval, model=outputs["gguf"], limit=evaluate.task_limit, **evaluate.task_job(task),
                                   runtime=on_llamacpp(evaluate.eval.runtime), output=str(out / "gguf-task.json"))
         row.update(task_cells(task, run_eval(job)))
     if evaluate is not None and evaluate.bench is not None:

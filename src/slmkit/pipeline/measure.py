@@ -49,13 +49,13 @@ def measure_model(name: str, model: str, stage: EvaluateStage, task: str | None,
     """One report row: quality on the task and the general tasks, then speed and memory."""
     row: dict = {"stage": name, "model": model}
 
-    def score(tasks: str, limit: int | None, part: str) -> dict:
-        return run_eval(dataclasses.replace(stage.eval, model=model, tasks=tasks, limit=limit,
-                                            output=str(out / f"{name}-{part}.json")))
+    def score(limit: int | None, part: str, **tasks) -> dict:
+        return run_eval(dataclasses.replace(stage.eval, model=model, limit=limit,
+                                            output=str(out / f"{name}-{part}.json"), **tasks))
     if task:
-        row.update(task_cells(task, score(task, stage.task_limit, "task")))
+        row.update(task_cells(task, score(stage.task_limit, "task", **stage.task_job(task))))
     if stage.general:
-        doc = score(",".join(stage.general), stage.general_limit, "general")
+        doc = score(stage.general_limit, "general", tasks=",".join(stage.general))
         row["general"] = {r["task"]: _primary(r["metrics"]) for r in doc["results"]}
         row.setdefault("params", doc["model_info"]["params"])
         row.setdefault("file_mib", doc["model_info"]["file_mib"])

@@ -22,6 +22,7 @@ from slmkit.data.readers import expand_inputs
 from slmkit.errors import SlmError
 from slmkit.evals.api import default_data_dir
 from slmkit.evals.tasks import make_task
+from slmkit.evals.tasks.userfile import user_task
 from slmkit.interop.gguf import check_exportable
 from slmkit.interop.gguf_quants import BITS
 from slmkit.jobs.compress import check_pruning, check_quantize, run_lowrank, run_prune, run_quantize
@@ -32,8 +33,8 @@ from slmkit.pipeline.config import EvaluateStage, ExportStage, Recipe
 from slmkit.pipeline.estimate import Estimate, meta_model, params, scale
 from slmkit.pipeline.measure import evaluate_models
 from slmkit.sizing import human_bytes
+from slmkit.train.adapt import check_finetune
 from slmkit.train.distill import run as run_distill
-from slmkit.train.finetune import check_finetune
 from slmkit.train.finetune import run as run_finetune
 
 Log = Callable[[str], object]
@@ -61,6 +62,8 @@ class Flow(Recipe):
     def task(self) -> str | None:
         """The task the evaluation leads with: the recipe's, else the fine-tuning task."""
         finetune, evaluate = self.cfg.finetune, self.cfg.evaluate
+        if evaluate and evaluate.data:
+            return f"file:{Path(evaluate.data).name}"  # the name `slm eval --data` gives the file's task
         return (evaluate.task or (finetune.data.task if finetune else None) or None) if evaluate else None
 
 
@@ -250,13 +253,17 @@ class EvaluateRun:
 
 class Evaluate(Stage):
     kind = "evaluate"
-    joined = tuple(f"eval.{k}" for k in ("model", "tasks", "limit", "output", "perplexity", "endpoint"))
+    joined = tuple(f"eval.{k}" for k in ("model", "tasks", "limit", "output", "perplexity", "endpoint", "data",
+                                         "train_data"))
     joins = "for each stage's model; choose tasks with evaluate.task/general and limits with task_limit/general_limit"
 
     def resolve(self, flow):
         chosen = flow.cfg.evaluate.stages
         models = {k: m for k, m in flow.models.items() if chosen is None or k in chosen}
-        return EvaluateRun(flow.cfg.evaluate, flow.task(), models)
+        stage, finetune = flow.cfg.evaluate, flow.cfg.finetune
+        if stage.data and finetune and finetune.data.train:  # the labels the model was trained on
+            stage = dataclasses.replace(stage, eval=dataclasses.replace(stage.eval, train_data=finetune.data.train))
+        return EvaluateRun(stage, flow.task(), models)
 
     def check(self, config: EvaluateRun, shape, flow):
         stage = config.evaluate
@@ -264,10 +271,14 @@ class Evaluate(Stage):
         if missing:
             raise SlmError(f"evaluate.stages names {', '.join(missing)}, which made no model in this recipe; "
                            f"choose from {', '.join(flow.models) or 'none'}")
-        data_dir = stage.eval.data_dir or default_data_dir()
+        data_dir = stage.eval.data_dir or (default_data_dir() if stage.general or not stage.data else None)
         rows = 0.0
         for name in ([config.task] if config.task else []) + list(stage.general):
-            docs = len(make_task(name, data_dir).eval_docs().rows)  # unknown names and missing data fail here
+            if name == config.task and stage.data:  # the user's rows: read and checked here, before any stage runs
+                task = user_task(stage.data, stage.eval.data_kind, stage.eval.train_data, stage.eval.data_max_tokens)
+            else:
+                task = make_task(name, data_dir)  # unknown names and missing data fail here
+            docs = len(task.eval_docs().rows)
             limit = stage.task_limit if name == config.task else stage.general_limit
             rows += min(docs, limit or docs) * (estimate.EVAL_ROW_S if name == config.task else estimate.GENERAL_ROW_S)
         b, bench_s = stage.bench, 0.0

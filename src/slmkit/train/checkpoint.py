@@ -66,6 +66,7 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_seconds: float = 0.0
+    last_val_loss: float | None = None  # the latest validation loss (the trackers' final score)
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

@@ -1,4 +1,5 @@
-"""Fine-tuning recipe: adapt a model to a task or a domain (full, LoRA, DoRA or QLoRA).
+"""Fine-tuning recipe: adapt a model to a task or a domain (full, LoRA, DoRA or QLoRA); dpo and
+orpo go to the preference recipe (`train.prefer`).
 
     slm finetune --config configs/finetune/symptom2disease-lora.yaml [key=value ...] [--resume]
     torchrun --nproc_per_node 2 -m slmkit.cli finetune --config ...      (data parallel)
@@ -13,109 +14,27 @@ its top, an adapter directory in PEFT's format for lora/dora/qlora, an HF direct
 from __future__ import annotations
 
 import math
-import shutil
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from slmkit.adapters.lora import (
-    LoraConfig,
-    add_lora,
-    check_rank,
-    lora_layers,
-    resolve_targets,
-)
-from slmkit.compress.quant.quantize import (
-    CALIBRATED,
-    QuantConfig,
-    quant_section,
-    quantize_model,
-    targets,
-)
 from slmkit.config import to_dict
-from slmkit.data.calibration import calibration_ids
 from slmkit.data.loader import Layout
 from slmkit.data.sft import encode_all
 from slmkit.data.sft_batches import ExampleBatches, validation_batches
-from slmkit.data.tasks import FinetuneData, finetune_examples
-from slmkit.errors import SlmError
-from slmkit.fileio import atomic_write
-from slmkit.interop.hf import save_checkpoint
-from slmkit.interop.peft import restore_adapter, save_adapter
-from slmkit.load import load
-from slmkit.presets import DEFAULT_MODEL
 from slmkit.train import dist
-from slmkit.train.checkpoint import HF_FILES, REQUIRED, ModelFiles, write_run_config
-from slmkit.train.loop import TrainConfig, TrainResult, train, uses_bf16
+from slmkit.train.adapt import FinetuneConfig, check_finetune, describe, load_base, prepare_model, publish
+from slmkit.train.checkpoint import write_run_config
+from slmkit.train.loop import TrainResult, train
 from slmkit.train.losses import masked_lm_loss
-
-METHODS = ("full", "lora", "dora", "qlora")
-
-
-def _train_defaults() -> TrainConfig:
-    return TrainConfig(steps=0, micro_batch_size=8, seq_len=512, lr=1e-3, min_lr=1e-4, warmup_steps=10,
-                       weight_decay=0.0, eval_every=25, checkpoint_every=50,
-                       early_stopping_patience=3)
-
-
-@dataclass
-class FinetuneConfig:
-    base: str = DEFAULT_MODEL
-    """The model to adapt: a GGUF file, an HF directory (a quantized checkpoint for qlora too) or the bundled model."""
-    method: str = "lora"
-    """full (every weight), lora, dora (LoRA plus a learned magnitude), qlora (LoRA over an int4/int8 base)."""
-    out: str = "runs/finetune"
-    """Run directory; in the end it is itself a MODEL (adapter or HF directory)."""
-    epochs: float = 3.0
-    """Passes over the training examples; sets train.steps (0 = use train.steps as given)."""
-    init_seed: int = 0
-    """Seed of the adapters' initial weights."""
-    data: FinetuneData = field(default_factory=FinetuneData)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(method="int4", lm_head=False))
-    """qlora: how the base is quantized when it is not already (the packed weights stay frozen)."""
-    train: TrainConfig = field(default_factory=_train_defaults)
-    resume: bool = False
-    """Continue the run in `out` from its last checkpoint (after a crash or a kill: the same steps as an uninterrupted run)."""
-
-
-def check_finetune(cfg: FinetuneConfig, model=None) -> tuple[list, list]:
-    """Every setting, before any work (the verb and the pipeline's dry run both call this): the
-    method, the data (read and split: an unknown task or missing file fails here), and -- given the
-    base's shape (a `meta` model is enough) -- the adapter's targets and rank and qlora's
-    quantization. Returns the (train, validation) examples."""
-    if cfg.method not in METHODS:
-        raise SlmError(f"unknown fine-tuning method '{cfg.method}' (choose from {', '.join(METHODS)})")
-    examples = finetune_examples(cfg.data)
-    if model is not None:
-        check_adapter(cfg, model)
-    return examples
-
-
-def adapter_config(cfg: FinetuneConfig) -> LoraConfig:
-    return LoraConfig(**{**to_dict(cfg.lora), "dora": cfg.lora.dora or cfg.method == "dora"})
-
-
-def check_adapter(cfg: FinetuneConfig, model) -> None:
-    """The adapter's targets and rank fit the base, and qlora's quantization its widths."""
-    if cfg.method == "full":
-        return
-    lora = adapter_config(cfg)
-    check_rank(model, resolve_targets(model, lora.targets), lora.r)
-    if cfg.method == "qlora" and not model.config.quantization:
-        targets(model, cfg.quant)
+from slmkit.train.prefer import run as run_preference
+from slmkit.train.preference import OBJECTIVES
 
 
 def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
+    if cfg.method in OBJECTIVES:
+        return run_preference(cfg, resume)
     resume = resume or cfg.resume
     train_examples, val_examples = check_finetune(cfg)  # bad settings and data fail before the model loads
     info = dist.setup(cfg.train.device)
-    loaded = load(cfg.base, dtype=torch.float32, merge=True)  # an adapter base is folded in: train on top of it
-    if lora_layers(loaded.model):
-        raise SlmError(f"the base '{cfg.base}' is an adapter over a quantized model; merge it first (`slm merge`)")
-    if loaded.tokenizer is None:
-        raise SlmError(f"the base '{cfg.base}' has no tokenizer; fine-tuning reads text")
+    loaded = load_base(cfg)
     t, tokenizer = cfg.train, loaded.tokenizer
     train_set, report = encode_all(train_examples, tokenizer, t.seq_len + 1, cfg.data.overlong)
     val_set, _ = encode_all(val_examples, tokenizer, t.seq_len + 1, cfg.data.overlong) if val_examples else ([], None)
@@ -127,89 +46,13 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
         t.steps = max(1, math.ceil(cfg.epochs * batches.rows_per_epoch / layout.global_batch))
     val = validation_batches(val_set, t.micro_batch_size, pad, info.rank, info.world) if val_set and t.eval_every else None
     if info.is_main:
-        _describe(cfg, model, report, len(val_set), t.steps)
+        describe(cfg, model, report.summary(), len(val_set), t.steps)
         if not resume:
             write_run_config(cfg.out, to_dict(cfg))
     result = train(model, batches, t, cfg.out, tokenizer, loss_fn=masked_lm_loss, val_batches=val, resume=resume,
-                   files=files)
+                   files=files, settings=to_dict(cfg))
     if info.is_main:
         publish(result.run_dir)
     return result
-
-
-def prepare_model(cfg: FinetuneConfig, model, tokenizer, info):
-    """The model to train and how its checkpoints hold it: whole (full) or as an adapter."""
-    quantized = bool(model.config.quantization)
-    if cfg.method == "full":
-        if quantized:
-            raise SlmError("full fine-tuning needs float weights; adapt a quantized base with method=qlora")
-        return model, HF_FILES
-    base = cfg.base if not Path(cfg.base).exists() else str(Path(cfg.base).resolve())
-    lora = adapter_config(cfg)
-    check_adapter(cfg, model)  # before quantizing: fail before work
-    if cfg.method == "qlora" and info.device.type != "cpu":
-        raise SlmError("qlora trains over slmkit's packed int4/int8 CPU kernels; set train.device=cpu "
-                       "(on a GPU, method=lora needs no quantized base)")
-    if cfg.method == "qlora" and not quantized:
-        model, base = _quantized_base(cfg, model, tokenizer, info.is_main)
-    elif cfg.method != "qlora" and quantized:
-        raise SlmError(f"the base '{cfg.base}' is quantized: adapt it with method=qlora")
-    add_lora(model, lora, torch.Generator().manual_seed(cfg.init_seed))
-    if uses_bf16(cfg.train.precision, info.device):
-        frozen_linears_to_bf16(model)
-    files = ModelFiles(lambda m, tok, path: save_adapter(m, path, base, tok), restore_adapter,
-                       ("adapter_config.json", "adapter_model.safetensors"))
-    return model, files
-
-
-def frozen_linears_to_bf16(model) -> None:
-    """Under bf16 autocast, keep the frozen base's linear weights in bf16: autocast would round them
-    to bf16 at every step anyway (it caches casts only of weights that train), so this is the same
-    arithmetic with half the memory and no per-step casts. The embedding (and a head tied to it)
-    stays in fp32: it sets the residual stream's precision."""
-    embedding = getattr(model.model.embed_tokens, "weight", None)  # a tied quantized head has none
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight is not embedding:
-            module.weight.data = module.weight.data.to(torch.bfloat16)
-
-
-def _quantized_base(cfg: FinetuneConfig, model, tokenizer, is_main: bool):
-    """Quantize the base once and keep it in RUN/base (the adapter's base: exact, loads fast);
-    a resumed run reads it back instead of quantizing again."""
-    path = Path(cfg.out) / "base"
-    if (path / "config.json").is_file():
-        kept = load(str(path), dtype=torch.float32).model
-        if kept.config.quantization == quant_section(cfg.quant):
-            return kept, str(path.resolve())
-    quantize_model(model, cfg.quant, _calibration(cfg, tokenizer, model), progress=is_main)
-    if is_main:
-        save_checkpoint(model, tokenizer, path)
-    dist.barrier()
-    return model, str(path.resolve())
-
-
-def _calibration(cfg: FinetuneConfig, tokenizer, model) -> torch.Tensor | None:
-    q = cfg.quant
-    if q.method not in CALIBRATED:
-        return None
-    return calibration_ids(tokenizer, q.calib, q.calib_samples, q.calib_seq_len, model.config.vocab_size)
-
-
-def publish(run: Path) -> Path:
-    """Copy the kept model (RUN/best, else RUN/final) to the top of the run directory, file by file
-    through temporary names and its config last: a directory with a config is complete."""
-    source = ((run / "best") if (run / "best").exists() else run / "final").resolve()
-    for item in sorted(source.iterdir(), key=lambda p: (p.name in ("config.json", "adapter_config.json"), p.name)):
-        if item.is_file() and item.name not in REQUIRED and item.suffix != ".tmp":
-            atomic_write(run / item.name, lambda tmp, item=item: shutil.copyfile(item, tmp))
-    return run
-
-
-def _describe(cfg: FinetuneConfig, model, report, n_val: int, steps: int) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"fine-tuning {cfg.base} ({cfg.method}): {trainable:,} trainable parameters "
-          f"({trainable / max(total, 1):.2%} of {total:,} float ones)")
-    print(f"training data: {report.summary()}; validation: {n_val} examples; {steps} steps")
 
 

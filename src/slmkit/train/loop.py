@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from slmkit.train.checkpoint import (
 from slmkit.train.losses import IGNORE, lm_loss
 from slmkit.train.optim import build_optimizer, lr_at
 from slmkit.train.plot import plot_run
+from slmkit.train.tracking import Trackers
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 # Settings that decide which windows and random numbers a step sees: a resume must keep them.
@@ -107,6 +108,8 @@ class TrainConfig:
     """Smallest drop in validation loss that counts as an improvement."""
     time_limit_minutes: float = 0.0
     """Stop (with a checkpoint) after this much training time (0 = no limit)."""
+    loggers: list[str] = field(default_factory=list)
+    """Experiment trackers fed with metrics.jsonl's records, the settings and the final scores: tensorboard (RUN/tensorboard), mlflow (RUN/mlflow.db or $MLFLOW_TRACKING_URI), trackio (the [track] extra)."""
 
 
 @dataclass
@@ -118,11 +121,15 @@ class TrainResult:
 
 def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokenizer=None, *,
           loss_fn: LossFn = lm_loss, val_batches: list[dict] | None = None, resume: bool = False,
-          extra: nn.Module | None = None, files: ModelFiles = HF_FILES) -> TrainResult:
+          extra: nn.Module | None = None, files: ModelFiles = HF_FILES, settings: dict | None = None,
+          validate: Callable | None = None) -> TrainResult:
     """Train `model` (and `extra`) in place on `data.batch(step, micro, rank)`; see the module docstring.
 
     Only parameters with requires_grad train (an adapter over a frozen base); `files` says how
-    checkpoints and RUN/final hold the model (a whole model, or only its adapter)."""
+    checkpoints and RUN/final hold the model (a whole model, or only its adapter); `settings`: the
+    whole recipe, for the trackers (default: the training settings); `validate(forward, model, amp,
+    device) -> {"val_loss": ..., ...}` replaces the next-token validation loss (preference tuning
+    validates on pairs: its loss, reward accuracy and margin)."""
     info = dist.setup(cfg.device)
     run = Path(run_dir)
     _check_run_dir(run, resume)
@@ -133,6 +140,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
     trainable = nn.ModuleList([model] + ([extra.to(info.device).train()] if extra is not None else []))
     opt = build_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     state = _resume(run, model, opt, cfg, info, extra, files) if resume else _fresh(run, cfg, info)
+    trackers = (Trackers(cfg.loggers, run, settings or {"train": asdict(cfg)}, state.step if resume else None)
+                if info.is_main and cfg.loggers else None)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
     forward = torch.compile(wrapped, mode=cfg.compile_mode) if cfg.compile else wrapped
     amp = _autocast(cfg.precision, info.device)
@@ -149,12 +158,14 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
         state.elapsed_seconds = time.perf_counter() - started
         row.update(step=state.step, tokens=state.tokens, tok_per_s=tokens / (time.perf_counter() - tick))
         if info.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
-            _log(run, row)
+            _log(run, row, trackers)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
         bar.update(1)
         improved = False
-        if val_batches and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
-            improved, stop = _evaluate_and_track(forward, model, val_batches, amp, state, cfg, run, info)
+        if (val_batches or validate) and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            scores = (validate(forward, model, amp, info.device) if validate is not None
+                      else {"val_loss": evaluate(forward, model, val_batches, amp, info.device)})
+            improved, stop = _evaluate_and_track(scores, state, cfg, run, info, trackers)
             stop_reason = "early_stopping" if stop else stop_reason
         if cfg.time_limit_minutes and dist.any_rank(state.elapsed_seconds > 60 * cfg.time_limit_minutes):
             stop_reason = "time_limit"
@@ -169,6 +180,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, run_dir: str | Path, tokeniz
         files.save(model, tokenizer, final)
         replace_dir(final, run / "final")
         _plot(run)
+        if trackers is not None:
+            trackers.finish({"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
+                             "best_step": state.best_step if state.best_val_loss is not None else None,
+                             "last_val_loss": state.last_val_loss})
     dist.barrier()
     return TrainResult(state, run, stop_reason)
 
@@ -241,17 +256,21 @@ def evaluate(forward, model: nn.Module, batches: list[dict], amp=contextlib.null
     return loss_sum / max(count, 1)
 
 
-def _evaluate_and_track(forward, model, batches, amp, state: TrainerState, cfg: TrainConfig, run: Path, info):
-    """Evaluate, log, update best / early stopping. Returns (improved, should_stop)."""
-    val = evaluate(forward, model, batches, amp, info.device)
+def _evaluate_and_track(scores: dict[str, float], state: TrainerState, cfg: TrainConfig, run: Path, info,
+                        trackers: Trackers | None = None):
+    """Log a validation's scores, update best / early stopping (on val_loss). Returns (improved, should_stop)."""
+    val = scores["val_loss"]
+    state.last_val_loss = val
     improved = state.best_val_loss is None or val < state.best_val_loss - cfg.early_stopping_min_delta
     if improved:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val, state.step, 0
     else:
         state.evals_without_improvement += 1
     if info.is_main:
-        _log(run, {"kind": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
-                   "best_val_loss": state.best_val_loss})
+        # a next-token loss has a perplexity; a preference loss does not
+        perplexity = {"val_ppl": math.exp(min(val, 50))} if set(scores) == {"val_loss"} else {}
+        _log(run, {"kind": "eval", "step": state.step, **scores, **perplexity, "best_val_loss": state.best_val_loss},
+             trackers)
         tqdm.write(f"step {state.step}: validation loss {val:.4f} (best {state.best_val_loss:.4f} "
                    f"at step {state.best_step})")
     patience = cfg.early_stopping_patience
@@ -313,9 +332,11 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
-def _log(run: Path, row: dict) -> None:
+def _log(run: Path, row: dict, trackers: Trackers | None = None) -> None:
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+    if trackers is not None:
+        trackers.log(row)
 
 
 def _plot(run: Path) -> None:
