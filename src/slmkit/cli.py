@@ -102,7 +102,7 @@ VERBS = (
     Verb("plot", J + "tools:PlotJob", J + "tools:run_plot", "plot train/validation loss and learning rate of a run",
          ("run",)),
     Verb("demo", "slmkit.pipeline.verb:DemoJob", "slmkit.pipeline.verb:run_demo",
-         "the whole path on the bundled model in under 10 minutes (slm pipeline configs/pipeline/demo.yaml)"),
+         "the whole path on the bundled model in about 8 minutes on 2 cores (slm pipeline configs/pipeline/demo.yaml)"),
     Verb("pipeline", "slmkit.pipeline.run:PipelineJob", "slmkit.pipeline.verb:run_pipeline_verb",
          "base -> prune/distill -> fine-tune -> quantize -> evaluate -> export -> serve from one YAML recipe, "
          "resumable, with a report page", ("recipe", "overrides"), "slmkit.pipeline.verb:PIPELINE_EXAMPLES"),
