@@ -38,7 +38,6 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/quantize.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/finetune.py
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/preference.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -13,8 +13,10 @@ Per task (the built-in splits of slmkit.data.tasks; settings were chosen on the 
     threads, interleaved rounds (the ratio in the same run is the result)
   - one over-long run (no early stop until well past the best checkpoint) plotted: train vs
     validation loss, the gap, and the checkpoint that early stopping kept
+  - preference tuning (bench/preference.py): DPO and ORPO, LoRA and full, on on-policy SciTLDR
+    pairs: held-out win rate against the SFT model, validation reward accuracy, time, peak RSS
 
-    python bench/finetune.py [--only s2d,sentiment,sst2,scitldr,speed,overfit] [--methods lora,...]
+    python bench/finetune.py [--only s2d,sentiment,sst2,scitldr,speed,overfit,preference] [--methods lora,...]
                              [--reuse | --assemble]
 
 Each part writes runs/bench-finetune/parts/<part>.json (--reuse skips finished parts; --assemble
@@ -307,9 +309,18 @@ def overfit_part(mode: str) -> dict | None:
     return result
 
 
+def preference_part(mode: str) -> dict | None:
+    """DPO and ORPO, LoRA and full, on on-policy SciTLDR pairs against the SFT model they start from:
+    bench/preference.py (each run in its own process; its judge is stated in its docstring)."""
+    def make() -> dict:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "preference.py"), "--reuse"], check=True)
+        return json.loads((ROOT / "bench" / "results" / "preference.json").read_text())
+    return part("preference", mode, make)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="s2d,sentiment,sst2,scitldr,speed,overfit")
+    parser.add_argument("--only", default="s2d,sentiment,sst2,scitldr,speed,overfit,preference")
     parser.add_argument("--reuse", action="store_true", help="reuse parts already measured (runs/bench-finetune/parts)")
     parser.add_argument("--methods", default="full,lora,dora,qlora",
                         help="fine-tuning methods to run (default: all); the others' measured parts are kept")
@@ -335,6 +346,8 @@ def main() -> None:
         doc["lora_speed_vs_peft"] = list(measured(speeds).values())
     if "overfit" in only and (result := overfit_part(mode)) is not None:
         doc["overfit"] = result
+    if "preference" in only and (result := preference_part(mode)) is not None:
+        doc["preference"] = result
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
     print_tables(doc)
     print(f"wrote {OUT}")
@@ -355,6 +368,15 @@ def print_tables(doc: dict) -> None:
     for s in doc.get("lora_speed_vs_peft", []):
         print(f"\nLoRA step ({s['precision']}): slmkit {s['tok_per_s']['slmkit']:.0f} tok/s, peft+transformers "
               f"{s['tok_per_s']['peft+transformers']:.0f} tok/s: {s['ratio']:.2f}x (paired {s['ratio_paired']:.2f}x)")
+    if "preference" in doc:
+        p = doc["preference"]
+        print(f"\npreference tuning on {p['pairs']} on-policy SciTLDR pairs; win rate vs the SFT model on "
+              f"{p['test_rows']} test abstracts (SFT ROUGE-L {p['sft_test_rougeL']:.4f}):")
+        for r in p["runs"]:
+            acc = r["val_reward_accuracy"]
+            print(f"  {r['method']}-{r['adapter']:5s} win rate {r['win_rate_vs_sft']:.3f}  ROUGE-L {r['test_rougeL']:.4f}  "
+                  f"val reward accuracy {acc if acc is not None else float('nan'):.2f}  {r['wall_s']:.0f} s  "
+                  f"peak {r['peak_rss_mib']:.0f} MiB")
     if "overfit" in doc:
         o = doc["overfit"]
         print(f"\nover-long run: best validation loss {o['best_val_loss']:.4f} at step {o['best_step']}, "

@@ -192,3 +192,13 @@ def test_preference_settings_are_checked_before_work(tmp_path, tiny_tokenizer):
         _finetune(recipe)
     with pytest.raises(SlmError, match="'preference.adapter': 'dora' is not one of lora, full"):
         _finetune(_recipe(tmp_path, base, "dpo", "bad2", adapter="dora"))
+
+
+def test_the_shipped_preference_recipe_parses():
+    from pathlib import Path
+
+    from slmkit.config import load_config
+    from slmkit.train.adapt import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, Path(__file__).parents[1] / "configs" / "finetune" / "scitldr-orpo.yaml", [])
+    assert cfg.method == "orpo" and cfg.preference.adapter == "lora" and cfg.data.train.endswith("pairs.jsonl")
