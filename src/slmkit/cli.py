@@ -75,6 +75,9 @@ VERBS = (
          "quality vs share escalated of the confidence router on a labelled set",
          description="Score a local and a remote model on a multiple-choice task and report, for each confidence "
          "threshold, the accuracy and share escalated a confidence router gets (JSON and a PNG curve)."),
+    Verb("embed", J + "embed:EmbedJob", J + "embed:run_embed",
+         "text embeddings: mean-pooled, L2-normalised final hidden states of each text, as a .npy",
+         ("model", "input")),
     Verb("report", J + "tools:ReportJob", J + "tools:run_report",
          "a markdown report and plots comparing variants from results JSON files", ("results",)),
     Verb("export gguf", J + "export:GgufJob", J + "export:run_gguf",

@@ -505,6 +505,21 @@ class CausalLM(nn.Module):
         segment_ids: (B, T) document ids of packed rows (training only): documents do not see
             each other; pass `positions` that restart at 0 for each document.
         """
+        x = self.trunk(input_ids, cache, positions, segment_ids)
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[logits_to_keep]  # (N, C)
+        elif logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.head(x)  # (B, T, V), or (N, V) for a mask
+
+    def final_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, C): the last block's output after the final norm (Hugging Face's
+        `last_hidden_state`), what embeddings pool."""
+        return self.model.norm(self.trunk(input_ids, None, positions, None))
+
+    def trunk(self, input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+              segment_ids: torch.Tensor | None) -> torch.Tensor:
+        """The embedding and every block: (B, T) -> (B, T, C), before the final norm."""
         b, t = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is not None and start + t > cache.max_len:
@@ -522,8 +537,4 @@ class CausalLM(nn.Module):
             x = self.model.layers[i // reps](x, inputs, kv, start)
         if cache is not None:
             cache.length = start + t
-        if isinstance(logits_to_keep, torch.Tensor):
-            x = x[logits_to_keep]  # (N, C)
-        elif logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.head(x)  # (B, T, V), or (N, V) for a mask
+        return x

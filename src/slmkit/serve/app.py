@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI): completions, chat completions, models, health,
-Prometheus metrics and the chat page.
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat completions, embeddings, models,
+health, Prometheus metrics and the chat page.
 
 Every request body is read here (size-capped), decoded as strict UTF-8, parsed as JSON and
 validated by the pydantic models in `protocol`, so every malformed request gets an OpenAI-style
@@ -9,6 +9,8 @@ validated by the pydantic models in `protocol`, so every malformed request gets 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hmac
 import json
 import time
@@ -22,7 +24,7 @@ from pydantic import ValidationError
 
 from slmkit.serve.backend import Prompt, Settings
 from slmkit.serve.metrics import Metrics
-from slmkit.serve.protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, error_response
+from slmkit.serve.protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, EmbeddingRequest, error_response
 from slmkit.serve.scheduler import Event
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's context
@@ -110,7 +112,31 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
                     for m in body.messages]
         return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await _read(request, EmbeddingRequest, max_body)
+        backend = _backend(backends, body.model)
+        if not hasattr(backend, "embed"):
+            raise ApiError(400, f"model '{body.model}' does not serve embeddings (the router and remote models do "
+                           "not)", param="model")
+        texts, ids = body.texts_or_ids()
+        result = await asyncio.to_thread(backend.embed, texts, ids)
+        if body.dimensions is not None and body.dimensions != result.vectors.shape[1]:
+            raise ApiError(400, f"dimensions {body.dimensions} is not supported: this model's embeddings have "
+                           f"{result.vectors.shape[1]} (leave dimensions out)", param="dimensions")
+        return {"object": "list", "model": body.model, "data": [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(result.vectors)],
+            "usage": {"prompt_tokens": sum(result.tokens), "total_tokens": sum(result.tokens)}}
+
     return app
+
+
+def _encode_vector(vector, encoding: str):
+    """A vector as JSON floats, or as base64 of its little-endian float32 bytes (the openai client's default)."""
+    if encoding == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
 
 
 # -- reading requests -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Both yield `(choice index, Event)` pairs, so the HTTP layer formats answers the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from slmkit.errors import SlmError
 from slmkit.generate import stop_token_ids
 from slmkit.infer.constrain import Grammar, OutputFormat
+from slmkit.infer.embed import Embedder, Embeddings
 from slmkit.infer.sampling import SamplingParams
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.serve.protocol import ApiError
@@ -71,6 +73,8 @@ class LocalBackend:
         self.stop_ids = stop_token_ids(model.config, tokenizer)
         self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids)
         self.context = self.scheduler.context
+        self._embedder: Embedder | None = None
+        self._embed_lock = threading.Lock()
 
     def encode(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids is not None:
@@ -113,6 +117,26 @@ class LocalBackend:
         ids = self.encode(prompt)
         max_tokens = self.check(ids, settings)
         return LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(settings.output_format))
+
+    def embed(self, texts: list[str], ids: list[list[int]]) -> Embeddings:
+        """Vectors of texts (or token ids) from the served weights (`slmkit.infer.embed`); one call at a
+        time (the decode loop runs beside it: neither touches the other's KV cache)."""
+        runner = self.scheduler.runner
+        if not hasattr(runner, "model"):
+            raise ApiError(400, f"model '{self.name}' runs on llama.cpp, which serves no embeddings here yet; "
+                           "serve it with --engine torch for /v1/embeddings", param="model")
+        if self._embedder is None:
+            self._embedder = Embedder(runner.model, self.tokenizer, context=self.context)
+        try:
+            with self._embed_lock:
+                if ids:
+                    vocab = self.scheduler.config.vocab_size
+                    if any(not 0 <= t < vocab for row in ids for t in row):
+                        raise ApiError(400, f"token ids must be in [0, {vocab})", param="input")
+                    return self._embedder.embed_ids(ids)
+                return self._embedder.embed(texts)
+        except SlmError as error:
+            raise ApiError(400, str(error), param="input") from None
 
     def close(self) -> None:
         self.scheduler.close()

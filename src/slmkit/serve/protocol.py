@@ -170,3 +170,31 @@ class ChatRequest(_Common):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings body: text, texts, token ids or lists of token ids."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    unsupported_fields = _Common.unsupported_fields
+
+    @property
+    def output_format(self) -> None:
+        """Nothing to constrain (`_read` asks every request)."""
+        return None
+
+    def texts_or_ids(self) -> tuple[list[str], list[list[int]]]:
+        """(texts, token id lists): one of the two is empty."""
+        items = [self.input] if isinstance(self.input, str) else list(self.input)
+        if items and all(isinstance(i, int) for i in items):
+            return [], [list(items)]
+        if items and all(isinstance(i, list) for i in items):
+            return [], [list(i) for i in items]
+        return [i for i in items if isinstance(i, str)], []

@@ -1,0 +1,78 @@
+"""Text embeddings from a causal model: the final hidden states (after the last norm, as Hugging
+Face's `last_hidden_state`), mean-pooled over each text's tokens and L2-normalised.
+
+Texts are tokenized without special tokens (a BOS is added where the tokenizer adds one), sorted by
+length and run `batch_size` at a time, right-padded: a causal model's real tokens never see the
+padding after them, so a text's vector does not depend on its batch (up to BLAS rounding, far
+below 1e-4). A text longer than the context is refused with the limit, never cut silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slmkit.errors import SlmError
+
+
+@dataclass
+class Embeddings:
+    vectors: torch.Tensor  # (N, C) float32, unit length
+    tokens: list[int]  # each text's token count
+
+
+class Embedder:
+    def __init__(self, model, tokenizer, batch_size: int = 32, context: int | None = None):
+        if tokenizer is None:
+            raise SlmError("this model has no tokenizer; embeddings read text")
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text; an empty list or text, or one over the context, is an SlmError."""
+        if not texts:
+            raise SlmError("no input to embed: give at least one text")
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None else []
+        out = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise SlmError(f"input {i} is empty; every text to embed needs at least one character")
+            out.append(bos + self.tokenizer.encode(text, add_special=False))
+        return out
+
+    def embed(self, texts: list[str], progress=None) -> Embeddings:
+        return self.embed_ids(self.encode(texts), progress)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]], progress=None) -> Embeddings:
+        """Vectors of token id lists (each non-empty and within the context)."""
+        if not ids:
+            raise SlmError("no input to embed: give at least one text")
+        for i, row in enumerate(ids):
+            if not row:
+                raise SlmError(f"input {i} is empty; every text to embed needs at least one token")
+            if len(row) > self.context:
+                raise SlmError(f"input {i} has {len(row)} tokens; the model's context holds {self.context}: shorten it")
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        vectors = torch.zeros(len(ids), self.dimensions)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            batch = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for row, i in enumerate(chunk):
+                batch[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = True
+            hidden = self.model.final_hidden(batch.to(device)).float()  # (B, T, C)
+            mask = mask.to(device)[..., None]
+            pooled = (hidden * mask).sum(1) / mask.sum(1)  # (B, C): the mean over real tokens
+            vectors[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            if progress is not None:
+                progress(len(chunk))
+        return Embeddings(vectors, [len(x) for x in ids])
