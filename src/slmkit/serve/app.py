@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from slmkit.serve.backend import Prompt, Settings
 from slmkit.serve.metrics import Metrics
+from slmkit.serve.ollama_api import add_ollama_routes
 from slmkit.serve.protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, EmbeddingRequest, error_response
 from slmkit.serve.scheduler import Event
 
@@ -41,7 +42,9 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
             backend.metrics = metrics
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request, error: ApiError):
+    async def _api_error(request: Request, error: ApiError):
+        if request.url.path.startswith("/api/"):  # the Ollama API answers {"error": "..."}
+            return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
         return error.response()
 
     @app.exception_handler(404)
@@ -59,7 +62,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next):
         started = time.perf_counter()
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(("/v1/", "/api/")):
             if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
                 response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                           type="invalid_request_error", code="invalid_api_key")
@@ -111,6 +114,8 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
+
+    add_ollama_routes(app, backends, timeout)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -1,0 +1,233 @@
+"""The Ollama API beside the OpenAI one, so tools written against Ollama run unchanged:
+/api/chat, /api/generate (NDJSON streaming, Ollama's default), /api/embed, /api/tags, /api/show,
+/api/version.
+
+Requests go through the same backends, scheduler and checks as /v1. Ollama's option names map to
+the sampler's: num_predict (-1: until the context is full), temperature (Ollama's default 0.8),
+top_k, top_p, seed, stop, repeat_penalty, frequency_penalty, presence_penalty; num_ctx is accepted
+when it fits the served context. `format` is "json" or a JSON Schema. An option or field this server
+does not implement is refused with a 400 naming it, never ignored. Errors are Ollama's
+`{"error": "..."}` with the HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from slmkit import __version__
+from slmkit.errors import SlmError
+from slmkit.infer.constrain import OutputFormat
+from slmkit.infer.sampling import SamplingParams
+from slmkit.serve.backend import Prompt, Settings
+from slmkit.serve.protocol import ApiError
+
+OLLAMA_TEMPERATURE = 0.8  # Ollama's default when the request names none
+OPTIONS = {"num_predict", "temperature", "top_k", "top_p", "seed", "stop", "repeat_penalty", "frequency_penalty",
+           "presence_penalty", "num_ctx"}
+HARMLESS = {"keep_alive", "think", "stream", "options", "format", "model"}  # `think`: no reasoning models here
+FIELDS = {"chat": HARMLESS | {"messages"}, "generate": HARMLESS | {"prompt", "system", "raw"},
+          "embed": {"model", "input", "keep_alive", "truncate", "options", "dimensions"}, "show": {"model", "name", "verbose"}}
+
+
+def add_ollama_routes(app: FastAPI, backends: dict, timeout: float) -> None:
+    @app.get("/api/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/api/tags")
+    async def tags():
+        now = datetime.now(timezone.utc).isoformat()
+        return {"models": [{"name": name, "model": name, "modified_at": now, "size": 0, "digest": "",
+                            "details": _details(b)} for name, b in backends.items()]}
+
+    @app.post("/api/show")
+    async def show(request: Request):
+        body = await _body(request, "show")
+        backend = _backend(backends, body.get("model") or body.get("name"))
+        template = getattr(getattr(backend, "tokenizer", None), "chat_template", None) or ""
+        return {"modelfile": "", "parameters": "", "template": template, "details": _details(backend),
+                "model_info": {"general.context_length": getattr(backend, "context", None)},
+                "capabilities": ["completion", "embedding"] if hasattr(backend, "embed") else ["completion"]}
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        body = await _body(request, "chat")
+        backend = _backend(backends, body.get("model"))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of {role: system|user|assistant, content: text}",
+                           param="messages")
+        for m in messages:
+            extra = sorted(set(m) - {"role", "content"})
+            if extra:
+                raise ApiError(400, f"message field {extra[0]} is not supported by this server", param=extra[0])
+        prompt = Prompt(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return await _answer(backend, body, prompt, timeout, chat=True)
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        body = await _body(request, "generate")
+        backend = _backend(backends, body.get("model"))
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt must be text", param="prompt")
+        if body.get("raw") or not getattr(getattr(backend, "tokenizer", None), "chat_template", None):
+            prompt = Prompt(text=text)
+        else:  # as Ollama does: the prompt (and system) through the model's template
+            system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            prompt = Prompt(messages=system + [{"role": "user", "content": text}])
+        return await _answer(backend, body, prompt, timeout, chat=False)
+
+    @app.post("/api/embed")
+    async def embed(request: Request):
+        body = await _body(request, "embed")
+        backend = _backend(backends, body.get("model"))
+        if not hasattr(backend, "embed"):
+            raise ApiError(400, f"model '{body.get('model')}' does not serve embeddings", param="model")
+        _options(body.get("options"))  # none changes an embedding: any named is refused
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "input must be a text or a list of texts", param="input")
+        started = time.perf_counter_ns()
+        result = await asyncio.to_thread(backend.embed, texts, [])
+        if body.get("dimensions") not in (None, result.vectors.shape[1]):
+            raise ApiError(400, f"dimensions {body['dimensions']} is not supported: this model's embeddings have "
+                           f"{result.vectors.shape[1]}", param="dimensions")
+        return {"model": body["model"], "embeddings": result.vectors.tolist(),
+                "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
+                "prompt_eval_count": sum(result.tokens)}
+
+
+async def _body(request: Request, kind: str) -> dict:
+    try:
+        data = json.loads((await request.body()).decode("utf-8") or "{}")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    # the official client sends every field it knows, unset ones as null / "" / []: those ask for nothing
+    data = {k: v for k, v in data.items() if k in ("prompt", "messages", "input") or v not in (None, "", [], {})}
+    unknown = sorted(set(data) - FIELDS[kind])
+    if unknown:
+        raise ApiError(400, f"field {', '.join(unknown)} is not supported by this server; leave it out", param=unknown[0])
+    return data
+
+
+def _backend(backends: dict, name):
+    if name not in backends:
+        raise ApiError(404, f"model '{name}' not found; served here: {', '.join(backends)}", param="model")
+    return backends[name]
+
+
+def _details(backend) -> dict:
+    return {"format": "slmkit", "family": "", "parameter_size": "", "quantization_level": ""}
+
+
+def _options(options) -> dict:
+    options = options or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "options must be an object", param="options")
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise ApiError(400, f"option {', '.join(unknown)} is not implemented by this server; leave it out",
+                       param=unknown[0])
+    return options
+
+
+def _settings(body: dict, backend, timeout: float) -> Settings:
+    o = _options(body.get("options"))
+    context = getattr(backend, "context", None)
+    if "num_ctx" in o and context is not None and o["num_ctx"] > context:
+        raise ApiError(400, f"num_ctx {o['num_ctx']} is more than this model's served context ({context})",
+                       param="num_ctx")
+    predict = o.get("num_predict")
+    stop = o.get("stop") or []
+    try:
+        sampling = SamplingParams(temperature=float(o.get("temperature", OLLAMA_TEMPERATURE)), top_k=int(o.get("top_k", 0)),
+                                  top_p=float(o.get("top_p", 1.0)), seed=o.get("seed"),
+                                  stop=[stop] if isinstance(stop, str) else list(stop),
+                                  repetition_penalty=float(o.get("repeat_penalty", 1.0)),
+                                  frequency_penalty=float(o.get("frequency_penalty", 0.0)),
+                                  presence_penalty=float(o.get("presence_penalty", 0.0)))
+    except (TypeError, ValueError, SlmError) as error:
+        raise ApiError(400, f"options: {error}", param="options") from None
+    max_tokens = None if predict is None or predict < 0 else int(predict)
+    return Settings(max_tokens, sampling, 1, None, False, timeout, _format(body.get("format")))
+
+
+def _format(fmt) -> OutputFormat | None:
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return OutputFormat("json_object")
+    if isinstance(fmt, dict):
+        return OutputFormat("json_schema", schema=fmt)
+    raise ApiError(400, f"format must be \"json\" or a JSON Schema object, not {fmt!r:.40}", param="format")
+
+
+async def _answer(backend, body: dict, prompt: Prompt, timeout: float, chat: bool):
+    settings = _settings(body, backend, timeout)
+    run = backend.start(prompt, settings)  # validates before any work
+    name, started = body["model"], time.perf_counter_ns()
+    pieces = _pieces(run)
+    if body.get("stream", True):  # Ollama streams unless told not to
+        async def ndjson():
+            async for text, final in pieces:
+                yield json.dumps(_message(name, text, chat) if final is None else _final(name, chat, final, run,
+                                                                                       started)) + "\n"
+        lines = ndjson()
+        first = await anext(lines)  # a full queue or a failure before the first piece gets its own status
+
+        async def stream():
+            yield first
+            async for line in lines:
+                yield line
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+    text, final = "", None
+    async for piece, done in pieces:
+        text += piece
+        final = done or final
+    return JSONResponse({**_final(name, chat, final, run, started), **_message(name, text, chat)} |
+                        {"done": True})
+
+
+async def _pieces(run):
+    """(text, None) for each piece of the answer, then ("", the done event)."""
+    try:
+        async for _index, event in run.events():
+            if event.kind == "error":
+                raise ApiError(500, event.message, type="server_error")
+            if event.kind == "text" and event.text:
+                yield event.text, None
+            elif event.kind == "done":
+                if event.finish_reason == "timeout":
+                    raise ApiError(504, "the request timed out before the answer was complete", type="timeout")
+                yield "", event
+    finally:
+        await run.aclose()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _message(name: str, text: str, chat: bool) -> dict:
+    body = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+    return {"model": name, "created_at": _now(), **body, "done": False}
+
+
+def _final(name: str, chat: bool, event, run, started: int) -> dict:
+    elapsed = time.perf_counter_ns() - started
+    reason = {"length": "length"}.get(getattr(event, "finish_reason", "stop"), "stop")
+    return {**_message(name, "", chat), "done": True, "done_reason": reason, "total_duration": elapsed,
+            "load_duration": 0, "prompt_eval_count": len(run.ids), "prompt_eval_duration": 0,
+            "eval_count": getattr(event, "completion_tokens", 0), "eval_duration": elapsed}
