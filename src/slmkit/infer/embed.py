@@ -34,13 +34,11 @@ class Embedder:
         return self.model.config.hidden_size
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text; an empty list or text, or one over the context, is an SlmError."""
-        if not texts:
-            raise SlmError("no input to embed: give at least one text")
+        """Token ids of each text (checked by `check` when embedded)."""
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None else []
         out = []
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
+            if not isinstance(text, str) or not text:  # a BOS alone would embed nothing of the text
                 raise SlmError(f"input {i} is empty; every text to embed needs at least one character")
             out.append(bos + self.tokenizer.encode(text, add_special=False))
         return out
@@ -48,9 +46,9 @@ class Embedder:
     def embed(self, texts: list[str], progress=None) -> Embeddings:
         return self.embed_ids(self.encode(texts), progress)
 
-    @torch.inference_mode()
-    def embed_ids(self, ids: list[list[int]], progress=None) -> Embeddings:
-        """Vectors of token id lists (each non-empty and within the context)."""
+    def check(self, ids: list[list[int]]) -> None:
+        """Token id lists that can be embedded: at least one, none empty, each within the context and the
+        vocabulary; else an SlmError naming the first bad input."""
         if not ids:
             raise SlmError("no input to embed: give at least one text")
         for i, row in enumerate(ids):
@@ -58,6 +56,14 @@ class Embedder:
                 raise SlmError(f"input {i} is empty; every text to embed needs at least one token")
             if len(row) > self.context:
                 raise SlmError(f"input {i} has {len(row)} tokens; the model's context holds {self.context}: shorten it")
+            vocab = self.model.config.vocab_size
+            if not all(0 <= t < vocab for t in row):
+                raise SlmError(f"input {i}: token ids must be in [0, {vocab})")
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]], progress=None) -> Embeddings:
+        """Vectors of token id lists (checked first)."""
+        self.check(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         vectors = torch.zeros(len(ids), self.dimensions)
         device = next(self.model.parameters()).device

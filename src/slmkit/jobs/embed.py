@@ -5,7 +5,6 @@ FILE is a .jsonl (the `text` field of each row, or --field) or a .txt (one text 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from slmkit.data.readers import json_records
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
 from slmkit.infer.embed import Embedder
@@ -48,15 +48,9 @@ def read_texts(path: str, key: str) -> list[str]:
     if file.suffix != ".jsonl":
         raise SlmError(f"'{path}' is neither .jsonl nor .txt")
     texts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SlmError(f"{path}:{number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
-            raise SlmError(f"{path}:{number}: no text in field '{key}' (choose the field with --field)")
+    for where, row in json_records(file):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise SlmError(f"{where}: no text in field '{key}' (choose the field with --field)")
         texts.append(row[key])
     return texts
 
@@ -70,9 +64,10 @@ def run_embed(job: EmbedJob) -> Path:
     use_threads(job.threads)
     loaded = load(job.model, dtype=torch.float32)
     embedder = Embedder(loaded.model, loaded.tokenizer, job.batch_size)
-    embedder.encode(texts)  # every text fits, or one line naming the first that does not
+    ids = embedder.encode(texts)
+    embedder.check(ids)  # every text fits, or one line naming the first that does not, before the bar starts
     with tqdm(total=len(texts), desc="embedding", unit="text", file=sys.stderr) as bar:
-        result = embedder.embed(texts, progress=bar.update)
+        result = embedder.embed_ids(ids, progress=bar.update)
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: _save(tmp, result.vectors.numpy()))

@@ -125,10 +125,7 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
             raise ApiError(400, f"model '{body.model}' does not serve embeddings (the router and remote models do "
                            "not)", param="model")
         texts, ids = body.texts_or_ids()
-        result = await asyncio.to_thread(backend.embed, texts, ids)
-        if body.dimensions is not None and body.dimensions != result.vectors.shape[1]:
-            raise ApiError(400, f"dimensions {body.dimensions} is not supported: this model's embeddings have "
-                           f"{result.vectors.shape[1]} (leave dimensions out)", param="dimensions")
+        result = await asyncio.to_thread(backend.embed, texts, ids, body.dimensions)
         return {"object": "list", "model": body.model, "data": [
             {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
             for i, v in enumerate(result.vectors)],

@@ -118,7 +118,7 @@ class LocalBackend:
         max_tokens = self.check(ids, settings)
         return LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(settings.output_format))
 
-    def embed(self, texts: list[str], ids: list[list[int]]) -> Embeddings:
+    def embed(self, texts: list[str], ids: list[list[int]], dimensions: int | None = None) -> Embeddings:
         """Vectors of texts (or token ids) from the served weights (`slmkit.infer.embed`); one call at a
         time (the decode loop runs beside it: neither touches the other's KV cache)."""
         runner = self.scheduler.runner
@@ -127,14 +127,12 @@ class LocalBackend:
                            "serve it with --engine torch for /v1/embeddings", param="model")
         if self._embedder is None:
             self._embedder = Embedder(runner.model, self.tokenizer, context=self.context)
+        if dimensions not in (None, self._embedder.dimensions):
+            raise ApiError(400, f"dimensions {dimensions} is not supported: this model's embeddings have "
+                           f"{self._embedder.dimensions} (leave dimensions out)", param="dimensions")
         try:
             with self._embed_lock:
-                if ids:
-                    vocab = self.scheduler.config.vocab_size
-                    if any(not 0 <= t < vocab for row in ids for t in row):
-                        raise ApiError(400, f"token ids must be in [0, {vocab})", param="input")
-                    return self._embedder.embed_ids(ids)
-                return self._embedder.embed(texts)
+                return self._embedder.embed_ids(ids or self._embedder.encode(texts))
         except SlmError as error:
             raise ApiError(400, str(error), param="input") from None
 

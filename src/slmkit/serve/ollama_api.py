@@ -27,6 +27,7 @@ from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.backend import Prompt, Settings
 from slmkit.serve.protocol import ApiError
 
+DETAILS = {"format": "slmkit", "family": "", "parameter_size": "", "quantization_level": ""}
 OLLAMA_TEMPERATURE = 0.8  # Ollama's default when the request names none
 OPTIONS = {"num_predict", "temperature", "top_k", "top_p", "seed", "stop", "repeat_penalty", "frequency_penalty",
            "presence_penalty", "num_ctx"}
@@ -44,14 +45,14 @@ def add_ollama_routes(app: FastAPI, backends: dict, timeout: float) -> None:
     async def tags():
         now = datetime.now(timezone.utc).isoformat()
         return {"models": [{"name": name, "model": name, "modified_at": now, "size": 0, "digest": "",
-                            "details": _details(b)} for name, b in backends.items()]}
+                            "details": DETAILS} for name in backends]}
 
     @app.post("/api/show")
     async def show(request: Request):
         body = await _body(request, "show")
         backend = _backend(backends, body.get("model") or body.get("name"))
         template = getattr(getattr(backend, "tokenizer", None), "chat_template", None) or ""
-        return {"modelfile": "", "parameters": "", "template": template, "details": _details(backend),
+        return {"modelfile": "", "parameters": "", "template": template, "details": DETAILS,
                 "model_info": {"general.context_length": getattr(backend, "context", None)},
                 "capabilities": ["completion", "embedding"] if hasattr(backend, "embed") else ["completion"]}
 
@@ -98,10 +99,7 @@ def add_ollama_routes(app: FastAPI, backends: dict, timeout: float) -> None:
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "input must be a text or a list of texts", param="input")
         started = time.perf_counter_ns()
-        result = await asyncio.to_thread(backend.embed, texts, [])
-        if body.get("dimensions") not in (None, result.vectors.shape[1]):
-            raise ApiError(400, f"dimensions {body['dimensions']} is not supported: this model's embeddings have "
-                           f"{result.vectors.shape[1]}", param="dimensions")
+        result = await asyncio.to_thread(backend.embed, texts, [], body.get("dimensions"))
         return {"model": body["model"], "embeddings": result.vectors.tolist(),
                 "total_duration": time.perf_counter_ns() - started, "load_duration": 0,
                 "prompt_eval_count": sum(result.tokens)}
@@ -126,10 +124,6 @@ def _backend(backends: dict, name):
     if name not in backends:
         raise ApiError(404, f"model '{name}' not found; served here: {', '.join(backends)}", param="model")
     return backends[name]
-
-
-def _details(backend) -> dict:
-    return {"format": "slmkit", "family": "", "parameter_size": "", "quantization_level": ""}
 
 
 def _options(options) -> dict:
@@ -227,7 +221,7 @@ def _message(name: str, text: str, chat: bool) -> dict:
 
 def _final(name: str, chat: bool, event, run, started: int) -> dict:
     elapsed = time.perf_counter_ns() - started
-    reason = {"length": "length"}.get(getattr(event, "finish_reason", "stop"), "stop")
+    reason = "length" if getattr(event, "finish_reason", None) == "length" else "stop"
     return {**_message(name, "", chat), "done": True, "done_reason": reason, "total_duration": elapsed,
             "load_duration": 0, "prompt_eval_count": len(run.ids), "prompt_eval_duration": 0,
             "eval_count": getattr(event, "completion_tokens", 0), "eval_duration": elapsed}

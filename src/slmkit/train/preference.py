@@ -45,13 +45,22 @@ OBJECTIVES = ("dpo", "orpo")
 
 def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probabilities (rows,), answer token counts (rows,)) of a batch."""
-    targets = batch["targets"]
-    keep = targets != IGNORE  # (rows, T)
-    logits = model(batch["input_ids"], logits_to_keep=keep)  # (N, V), the answer positions only
-    token = torch.log_softmax(logits.float(), -1).gather(-1, targets[keep][:, None])[:, 0]  # (N,)
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(targets.shape[0], dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return sums, keep.sum(1)
+    answer = batch["targets"] != IGNORE  # (rows, T)
+    token, rows = kept_logps(model, batch["input_ids"], batch["targets"], answer)
+    return _row_sums(token, rows, answer.shape[0]), answer.sum(1)
+
+
+def kept_logps(model, input_ids: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each kept position's target (N,), its row (N,)), with logits computed at
+    the kept positions only (`keep`, (rows, T))."""
+    logits = model(input_ids, logits_to_keep=keep)  # (N, V)
+    token = torch.log_softmax(logits.float(), -1).gather(-1, targets[keep][:, None])[:, 0]
+    return token, keep.nonzero()[:, 0]
+
+
+def _row_sums(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
 def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
@@ -85,13 +94,10 @@ def orpo_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     chosen_rows[:m] = True
     answer = targets != IGNORE
     keep = answer | (chosen_rows & (every != IGNORE))  # (rows, T)
-    logits = model(batch["input_ids"], logits_to_keep=keep)  # (N, V)
-    token = torch.log_softmax(logits.float(), -1).gather(-1, every[keep][:, None])[:, 0]  # (N,)
-    rows, in_answer = keep.nonzero()[:, 0], answer[keep]
-    sums = torch.zeros(targets.shape[0], dtype=token.dtype, device=token.device)
-    sums = sums.index_add(0, rows[in_answer], token[in_answer])
+    token, rows = kept_logps(model, batch["input_ids"], every, keep)  # an answer's target is its `every` target
+    in_answer = answer[keep]
     nll = -token[chosen_rows[keep]].mean()
-    return sums, answer.sum(1), nll
+    return _row_sums(token[in_answer], rows[in_answer], targets.shape[0]), answer.sum(1), nll
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import yaml
 from jinja2 import BaseLoader, Environment, StrictUndefined
 from jinja2.exceptions import TemplateError
 
+from slmkit.data.readers import json_records
 from slmkit.errors import SlmError
 from slmkit.evals.tasks.base import Docs, GenerateTask, MultipleChoiceTask, Task
 
@@ -153,12 +154,7 @@ def read_rows(files: list[Path]) -> list[dict]:
         elif text.lstrip().startswith("["):
             rows += json.loads(text)
         else:
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise SlmError(f"{file}:{number}: not JSON ({err.msg})") from None
+            rows += [row for _, row in json_records(file)]
     return rows
 
 
