@@ -10,7 +10,9 @@ generate the same answers). Aggregate throughput = completion tokens / wall time
 sequential in this run (target: at least 3x), for each engine in turn (torch: slmkit's PyTorch
 engine on fp32 weights; llamacpp: llama.cpp on the bundled GGUF as it is), and llama.cpp's
 concurrent throughput against torch's (target: 2x), and torch's TTFT p50 (target: <= 3 s). Then every bad request of the sweep must get a 4xx
-JSON error and the server must still answer /health. Writes bench/results/serve.json.
+JSON error and the server must still answer /health. Then bench/tools.py's tool-calling requests
+run on the --tools-engine server (every emitted call must parse and validate; `required` must always
+call). Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -34,6 +37,7 @@ from slmkit.data.shared import shared_data_dir  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from decode import cpu_name  # noqa: E402
+from tools import PROMPTS, print_tools, run_tools  # noqa: E402
 
 BAD_REQUESTS = {  # name -> (raw body, content type)
     "malformed JSON": b'{"model": "M", "messages": [',
@@ -167,10 +171,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--name", default="smollm2")
     parser.add_argument("--dtype", default="float32", help="as slm serve's default (see its --help)")
+    parser.add_argument("--tools-engine", default="torch", help="the engine whose server also runs bench/tools.py's "
+                        "50 tool-calling requests under required and auto ('none': skip)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
     texts = prompts(args.requests)
-    runs, sweep = {}, None
+    runs, sweep, tool_rows = {}, None, None
     for engine in args.engines.split(","):
         server, url = start_server(args, engine)
         try:
@@ -178,6 +184,9 @@ def main() -> None:
             together = run_pass(url, args.name, texts, args.max_tokens, concurrent=True)
             alone = run_pass(url, args.name, texts, args.max_tokens, concurrent=False)
             sweep = sweep or bad_input_sweep(url, args.name)
+            if engine == args.tools_engine:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+                tool_rows = run_tools(client, args.name)
             peak = peak_rss_mib(server.pid)
         finally:
             server.terminate()
@@ -196,13 +205,19 @@ def main() -> None:
     if {"torch", "llamacpp"} <= set(runs):
         ratio = runs["llamacpp"]["concurrent"]["tokens_per_s"] / runs["torch"]["concurrent"]["tokens_per_s"]
         targets["llamacpp_aggregate_2x_torch"] = ratio >= 2.0
-    report = {"bench": "serve", "model": args.model, "dtype": args.dtype, "max_batch": args.max_batch,
+    if tool_rows:
+        targets["tools_all_emitted_calls_valid"] = all(r["valid_calls"] == r["emitted_calls"] for r in tool_rows.values())
+        targets["tools_required_always_calls"] = tool_rows["required"]["answers_with_a_call"] == len(PROMPTS)
+    report = {"bench": "serve", "model": args.model, "tools": tool_rows, "dtype": args.dtype, "max_batch": args.max_batch,
               "context": args.context, "requests": args.requests, "max_tokens": args.max_tokens, "engines": runs,
               "bad_input": sweep, "targets": targets, "machine": cpu_name(),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
+    if tool_rows:
+        print(f"\ntool calling on the {args.tools_engine} engine ({len(PROMPTS)} requests, max_tokens 128):")
+        print_tools(tool_rows)
 
 
 def peak_rss_mib(pid: int) -> float | None:

@@ -38,8 +38,8 @@ from slmkit.evals.api import save_results  # noqa: E402
 from slmkit.generate import TextGenerator  # noqa: E402
 from slmkit.infer.constrain import OutputFormat  # noqa: E402
 from slmkit.infer.llamacpp import LlamaCppEngine, runtime_files  # noqa: E402
-from slmkit.interop.hf import save_hf  # noqa: E402
 from slmkit.infer.sampling import SamplingParams  # noqa: E402
+from slmkit.interop.hf import save_hf  # noqa: E402
 from slmkit.load import load  # noqa: E402
 
 SENTIMENT = {"type": "object", "additionalProperties": False, "required": ["sentiment", "keywords"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -115,3 +116,38 @@ def test_a_schema_that_cannot_compile_is_refused_before_generation(tiny_model, t
     fmt = OutputFormat("json_schema", schema={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
     with pytest.raises(SlmError, match="cannot be compiled"):
         Grammar(fmt, tiny_tokenizer, tiny_model.config.vocab_size, [2])
+
+
+def _looping_params(tokenizer, max_new_tokens: int) -> SamplingParams:
+    """Greedy, with one token pushed so hard that the model writes it forever inside a string."""
+    (token,) = tokenizer.encode("a", add_special=False)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, logit_bias={token: 100.0})
+
+
+def test_a_looping_string_is_closed_and_the_json_ends(tiny_model, tiny_tokenizer):
+    from slmkit.infer.constrain import TokenMatcher
+
+    gen = TextGenerator(tiny_model, tiny_tokenizer)
+    fmt = OutputFormat("json_object")
+    grammar = gen.grammar(fmt, gen.stop_ids())
+    unguarded = grammar.matcher()
+    unguarded.guard = None  # the check below can fail: without the guard the string never closes
+    prompt = tiny_tokenizer.encode("Once")
+    params = _looping_params(tiny_tokenizer, 200)
+    params = replace(params, stop_token_ids=gen.stop_ids())
+    cut = gen.engine.generate([prompt], params, None, [unguarded])[0]
+    assert isinstance(unguarded, TokenMatcher) and cut.finish_reason == "length"
+    out = gen.complete(["Once"], _looping_params(tiny_tokenizer, 200), output_format=fmt)[0]
+    assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict), out.text
+    assert "a" * 16 in out.text  # the model's own text is kept, up to where the loop was seen
+
+
+def test_a_short_budget_closes_what_is_open_in_time(tiny_model, tiny_tokenizer):
+    gen = TextGenerator(tiny_model, tiny_tokenizer)
+    nested = {"type": "object", "properties": {"note": {"type": "object", "properties": {"text": {"type": "string"}},
+                                                        "required": ["text"]}}, "required": ["note"]}
+    for budget in (24, 32, 48):  # the schema forces `{"note": {"text": "` first: about 12 tokens here
+        out = gen.complete(["Once"], _looping_params(tiny_tokenizer, budget),
+                           output_format=OutputFormat("json_schema", schema=nested))[0]
+        assert out.finish_reason == "stop" and len(out.tokens) <= budget, out.text
+        jsonschema.validate(json.loads(out.text), nested)

@@ -105,3 +105,29 @@ def test_the_openai_client_gets_embeddings(tiny_model, tiny_tokenizer):
         for body, message in bad:
             r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
             assert r.status_code in (400, 404) and message in r.json()["error"]["message"], (body, r.text)
+
+
+def test_llamacpp_embeddings_equal_ours_and_are_served(tmp_path, tiny_model, tiny_tokenizer):
+    """llama.cpp's embeddings mode on an f32 GGUF of the same weights: the same vectors within 1e-4,
+    however the texts are packed into its passes; and a llama.cpp-served model answers /v1/embeddings."""
+    llamacpp = pytest.importorskip("slmkit.infer.llamacpp")
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed")
+    from slmkit.interop.gguf import write_gguf
+    from slmkit.serve.runners import LlamaCppRunner
+
+    gguf = write_gguf(tiny_model, tiny_tokenizer, tmp_path / "tiny-f32.gguf", "f32")
+    engine = llamacpp.LlamaCppEngine(gguf, tiny_model.config, max_seq_len=64, sequences=2)
+    ours = Embedder(tiny_model, tiny_tokenizer).embed(TEXTS).vectors
+    for batch in (1, 5):
+        theirs = llamacpp.LlamaCppEmbedder(engine, tiny_tokenizer, batch_size=batch).embed(TEXTS).vectors
+        assert (theirs - ours).abs().max() < 1e-4
+    packed = llamacpp.LlamaCppEmbedder(engine, tiny_tokenizer, batch_size=5, context=24)  # a few texts per pass
+    assert (packed.embed(TEXTS).vectors - ours).abs().max() < 1e-4
+    with pytest.raises(SlmError, match="context holds 24"):
+        packed.embed(["count " * 30])
+    backend = LocalBackend("tiny", tiny_model, tiny_tokenizer)
+    backend.scheduler.runner = LlamaCppRunner(engine)  # as `slm serve --engine llamacpp` runs it
+    with served({"tiny": backend}) as srv:
+        data = srv.client().embeddings.create(model="tiny", input=TEXTS, encoding_format="float").data
+    assert np.abs(np.array([d.embedding for d in data]) - ours.numpy()).max() < 1e-4

@@ -25,7 +25,8 @@ LAYERS: dict[str, list[str]] = {
     # What everything builds on: the model definition and the things it needs, and the data
     # readers/batchers that training uses. Imports nothing from the layers above.
     "foundation": [
-        "", "errors", "config", "fileio", "presets", "sizing", "tokenizer", "layers", "rope", "model", "runtime", "plots",
+        "", "errors", "config", "fileio", "presets", "sizing", "tokenizer", "toolcalls", "layers", "rope", "model", "runtime",
+        "plots",
         "data", "data.calibration", "data.dedup", "data.filters", "data.loader", "data.readers",
         "data.preference", "data.shards", "data.sft", "data.sft_batches", "data.shared", "data.tasks",
     ],

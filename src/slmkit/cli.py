@@ -86,6 +86,11 @@ VERBS = (
          "a LoRA adapter as a llama.cpp adapter file (--lora in llama.cpp)", ("adapter", "out"),
          description="Write an adapter directory (PEFT format) as a llama.cpp LoRA GGUF. Run it over a GGUF export "
          "of its base: llama-cli -m base.gguf --lora OUT.gguf"),
+    Verb("export ollama", J + "export:OllamaJob", J + "export:run_ollama",
+         "a directory Ollama imports: the GGUF (and a LoRA adapter's GGUF) with a Modelfile", ("model", "out"),
+         description="Write RUN as DIR/model.gguf (an adapter run: its base, plus DIR/adapter.gguf) and "
+         "DIR/Modelfile (FROM, ADAPTER, TEMPLATE from the chat template, PARAMETER stop). Then: "
+         "ollama create NAME -f DIR/Modelfile"),
     Verb("merge", J + "export:MergeJob", J + "export:run_merge",
          "fold an adapter into its base's weights (a quantized base is requantized)", ("base", "adapter"),
          description="Write BASE with ADAPTER folded into its weights: an HF directory (or a quantized checkpoint "

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from slmkit.config import ModelConfig
+from slmkit.data.sft import render_chat
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.engine import Engine, Generation
@@ -19,6 +20,7 @@ from slmkit.infer.sampling import SamplingParams
 from slmkit.infer.speculate import Drafter
 from slmkit.model import CausalLM
 from slmkit.tokenizer import Tokenizer
+from slmkit.toolcalls import ToolUse, tool_format, tool_grammar
 
 # on_text(row, new_text) for streaming.
 TextCallback = Callable[[int, str], None]
@@ -135,7 +137,7 @@ class TextGenerator:
                 on_text(row, piece)
             return streams[row].stopped
 
-        matchers = [grammar.matcher() for _ in prompts] if grammar else None
+        matchers = [grammar.matcher(params.max_new_tokens) for _ in prompts] if grammar else None
         results = self.engine.generate(ids, params, on_token, matchers)
         out = []
         for row, (stream, gen) in enumerate(zip(streams, results)):
@@ -150,12 +152,18 @@ class TextGenerator:
         return Grammar(output_format, self.tokenizer, self.config.vocab_size, stop_ids)
 
     def chat(self, messages: list[dict], params: SamplingParams, on_text: TextCallback | None = None,
-             output_format: OutputFormat | None = None) -> Completion:
-        """One assistant reply to `messages`, rendered with the model's chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+             output_format: OutputFormat | None = None, tools: ToolUse | None = None) -> Completion:
+        """One assistant reply to `messages`, rendered with the model's chat template; with `tools`
+        the model may call them (read the calls with `slmkit.toolcalls.parse_calls`)."""
+        prompt = render_chat(self.tokenizer, messages, True, tools and tools.tools)
+        if tools:
+            if output_format is not None:
+                raise SlmError("give either tools or an output format, not both")
+            output_format = tool_output_format(self.tokenizer, tools)
         return self.complete([prompt], params, on_text, output_format=output_format)[0]
 
-    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+    def fit_messages(self, messages: list[dict], max_new_tokens: int,
+                     tools: ToolUse | None = None) -> tuple[list[dict], int]:
         """Drop the oldest turns (never the system prompt or the last message) until the prompt fits.
 
         Returns the messages kept and how many were dropped.
@@ -164,7 +172,7 @@ class TextGenerator:
         dropped = 0
         budget = self.context_length - max_new_tokens
         while True:
-            rendered = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True)
+            rendered = render_chat(self.tokenizer, kept, True, tools and tools.tools)
             if len(self.tokenizer.encode(rendered)) <= budget:
                 return kept, dropped
             first = 1 if kept and kept[0]["role"] == "system" else 0
@@ -172,3 +180,11 @@ class TextGenerator:
                 raise SlmError("the last message alone does not fit in the context; shorten it")
             del kept[first]
             dropped += 1
+
+
+def tool_output_format(tokenizer: Tokenizer, use: ToolUse) -> OutputFormat:
+    """The grammar of an answer that may (or must) call `use.tools`, in the model family's call format;
+    a `<tool_call>` that is a special token of the vocabulary is asked for as that token."""
+    special = {tok.content: i for i, tok in tokenizer.backend.get_added_tokens_decoder().items() if tok.special}
+    lark = tool_grammar(use.tools, use.choice, tool_format(tokenizer.chat_template), use.parallel, special)
+    return OutputFormat("lark", lark=lark)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from jinja2 import Template
+from jinja2 import Template, nodes
 from jinja2.exceptions import TemplateError
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
@@ -287,13 +288,14 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation [{"role", "content"}, ...] with the model's chat template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """Render a conversation [{"role", "content"}, ...] with the model's chat template; `extra`
+        are further template variables (`tools=[...]`, as transformers passes them)."""
         if not self.chat_template:
             raise SlmError("this model has no chat template; use `slm generate` with a plain prompt")
         return render_template(self.chat_template, messages, add_generation_prompt,
                                bos_token=self.token(self.bos_token_id) or "",
-                               eos_token=self.token(self.eos_token_id) or "")
+                               eos_token=self.token(self.eos_token_id) or "", **extra)
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
@@ -353,6 +355,28 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
         raise SlmError(f"chat template failed: {err}") from err
 
 
+class _GenerationBlock(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (SmolLM3's template marks the assistant's
+    text with it): the body is rendered as it is. Which tokens fine-tuning trains is found by rendering
+    turn by turn (`slmkit.data.sft.chat_spans`), so the marks themselves are not needed."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """The `tojson` filter as transformers defines it for chat templates (tools are written with it)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.lru_cache(maxsize=16)
 def compiled_template(template: str) -> Template:
     """A template compiled once (as transformers caches it): compiling costs ~4 ms, rendering ~0.1 ms,
@@ -360,9 +384,10 @@ def compiled_template(template: str) -> Template:
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson  # Jinja's own escapes <, > and & as HTML: templates want plain JSON
     try:
         return env.from_string(template)
     except TemplateError as err:

@@ -3,7 +3,11 @@
 Three formats, one JSON object per line (or plain .txt for text):
     chat               {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
                        rendered with the model's chat template; the loss covers each assistant
-                       reply and the end-of-turn token after it, nothing the user or system wrote
+                       reply and the end-of-turn token after it, nothing the user or system wrote.
+                       With tools (OpenAI's fine-tuning format): {"messages": [..., {"role":
+                       "assistant", "tool_calls": [...]}, {"role": "tool", "tool_call_id", "content"},
+                       ...], "tools": [...]}; calls are written in the model family's own call
+                       format (`slmkit.toolcalls`) and trained as assistant text
     prompt_completion  {"prompt": "...", "completion": "..."}: the loss covers the completion
                        and an end-of-sequence token
     text               {"text": "..."} or a .txt file (documents split as `slm prepare` splits
@@ -28,9 +32,18 @@ from pathlib import Path
 from slmkit.data.readers import json_records, read_documents
 from slmkit.errors import SlmError
 from slmkit.tokenizer import Tokenizer
+from slmkit.toolcalls import (
+    Tool,
+    ToolError,
+    check_tool_history,
+    read_tools,
+    template_messages,
+    tool_format,
+    writes_calls,
+)
 
 FORMATS = ("auto", "chat", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 OVERLONG = ("truncate", "error")
 
 
@@ -45,6 +58,7 @@ class Example:
     label: str | None = None  # a class, for stratified splits and label-set evaluation
     where: str = ""  # "file:line", for error messages
     references: list[str] | None = None  # acceptable answers, for evaluation (summaries have several)
+    tools: list[Tool] | None = None  # the tools a chat may call
 
     @property
     def kind(self) -> str:
@@ -109,7 +123,7 @@ def parse_row(row: dict, fmt: str, where: str) -> Example:
     label = row.get("label")
     label = None if label is None else str(label)
     if kind == "chat":
-        return Example(messages=_messages(row, where), label=label, where=where)
+        return Example(messages=_messages(row, where), label=label, where=where, tools=_tools(row, where))
     if kind == "prompt_completion":
         return Example(prompt=_text(row, "prompt", where), completion=_text(row, "completion", where, empty=False),
                        label=label, where=where)
@@ -141,15 +155,36 @@ def _messages(row: dict, where: str) -> list[dict]:
     return messages
 
 
+def _tools(row: dict, where: str) -> list[Tool] | None:
+    if row.get("tools") is None:
+        return None
+    try:
+        return read_tools(row["tools"])
+    except ToolError as error:
+        raise SlmError(f"{where}: {error}") from None
+
+
 def check_messages(messages, where: str) -> list[dict]:
-    """A conversation as [{"role", "content"}, ...] with known roles and text contents, or a
-    one-line error naming the first bad message (extra keys are dropped)."""
+    """A conversation as [{"role", "content"}, ...] with known roles and text contents (an assistant
+    turn may instead make `tool_calls`, a tool turn answers one by `tool_call_id`), or a one-line
+    error naming the first bad message (other keys are dropped)."""
     if not isinstance(messages, list) or not messages:
         raise SlmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise SlmError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and bool(m.get("tool_calls"))
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            raise SlmError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}"
+                           " (or an assistant's \"tool_calls\")")
+        kept = {"role": m["role"], "content": m.get("content") or ""}
+        kept.update({k: m[k] for k in ("tool_calls", "tool_call_id") if m.get(k) is not None})
+        out.append(kept)
+    try:
+        check_tool_history(out)
+    except ToolError as error:
+        raise SlmError(f"{where}: {error}") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,22 +200,34 @@ def encode(example: Example, tokenizer: Tokenizer) -> Encoded:
     if example.kind == "prompt_completion":
         text = example.prompt + example.completion
         return _from_spans(tokenizer, text, [(len(example.prompt), len(text))], _eos(tokenizer, example))
-    text, spans = chat_spans(tokenizer, example.messages, example.where)
+    text, spans = chat_spans(tokenizer, example.messages, example.where, example.tools)
     return _from_spans(tokenizer, text, spans)
 
 
-def chat_spans(tokenizer: Tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool,
+                tools: list[Tool] | None = None) -> str:
+    """A conversation rendered with the chat template; with tools or tool turns, in the family's
+    call format (`slmkit.toolcalls.template_messages`)."""
+    extra: dict = {}
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        template = tokenizer.chat_template
+        messages, extra = template_messages(messages, tools, tool_format(template), writes_calls(template))
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def chat_spans(tokenizer: Tokenizer, messages: list[dict], where: str = "",
+               tools: list[Tool] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant reply (+ end of turn)."""
     if not tokenizer.chat_template:
         raise SlmError("the model has no chat template, so chat examples cannot be rendered; use the "
                        "prompt_completion or text format")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    text = render_chat(tokenizer, messages, False, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        before = render_chat(tokenizer, messages[:i], True, tools)
+        upto = render_chat(tokenizer, messages[: i + 1], False, tools)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise SlmError(f"{where}: the chat template does not render this conversation turn by turn, so the "
                            "assistant's tokens cannot be found; use the prompt_completion format")

@@ -23,15 +23,22 @@ class Embeddings:
 
 
 class Embedder:
+    """Embeddings on slmkit's PyTorch model; `slmkit.infer.llamacpp.LlamaCppEmbedder` gives the same
+    vectors from a GGUF on llama.cpp (only `_pooled` differs)."""
+
     def __init__(self, model, tokenizer, batch_size: int = 32, context: int | None = None):
+        self.model = model.eval()
+        self._setup(model.config, tokenizer, batch_size, context or model.config.max_position_embeddings)
+
+    def _setup(self, config, tokenizer, batch_size: int, context: int) -> None:
         if tokenizer is None:
             raise SlmError("this model has no tokenizer; embeddings read text")
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-        self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.config, self.tokenizer, self.batch_size = config, tokenizer, batch_size
+        self.context = min(context, config.max_position_embeddings)
 
     @property
     def dimensions(self) -> int:
-        return self.model.config.hidden_size
+        return self.config.hidden_size
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (checked by `check` when embedded)."""
@@ -56,29 +63,32 @@ class Embedder:
                 raise SlmError(f"input {i} is empty; every text to embed needs at least one token")
             if len(row) > self.context:
                 raise SlmError(f"input {i} has {len(row)} tokens; the model's context holds {self.context}: shorten it")
-            vocab = self.model.config.vocab_size
+            vocab = self.config.vocab_size
             if not all(0 <= t < vocab for t in row):
                 raise SlmError(f"input {i}: token ids must be in [0, {vocab})")
 
-    @torch.inference_mode()
     def embed_ids(self, ids: list[list[int]], progress=None) -> Embeddings:
         """Vectors of token id lists (checked first)."""
         self.check(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         vectors = torch.zeros(len(ids), self.dimensions)
-        device = next(self.model.parameters()).device
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            batch = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for row, i in enumerate(chunk):
-                batch[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = True
-            hidden = self.model.final_hidden(batch.to(device)).float()  # (B, T, C)
-            mask = mask.to(device)[..., None]
-            pooled = (hidden * mask).sum(1) / mask.sum(1)  # (B, C): the mean over real tokens
-            vectors[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            vectors[chunk] = torch.nn.functional.normalize(self._pooled([ids[i] for i in chunk]), dim=-1)
             if progress is not None:
                 progress(len(chunk))
         return Embeddings(vectors, [len(x) for x in ids])
+
+    @torch.inference_mode()
+    def _pooled(self, rows: list[list[int]]) -> torch.Tensor:
+        """(B, C) float32: each row's final hidden states, averaged over its tokens."""
+        device = next(self.model.parameters()).device
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            batch[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        hidden = self.model.final_hidden(batch.to(device)).float()  # (B, T, C)
+        mask = mask.to(device)[..., None]
+        return ((hidden * mask).sum(1) / mask.sum(1)).cpu()  # the mean over real tokens

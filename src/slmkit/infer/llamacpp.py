@@ -32,6 +32,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.fileio import file_sha256, write_json, write_text
 from slmkit.infer.constrain import TokenMatcher
+from slmkit.infer.embed import Embedder
 from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows, shared_prefix
 from slmkit.infer.sampling import SamplingParams
 from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_tokenizer, write_gguf
@@ -376,6 +377,69 @@ class LlamaCppEngine:
         if not wanted:
             return torch.empty(0, self.vocab_size)
         return torch.from_numpy(np.stack([_logits_row(self._ctx, i, self.vocab_size) for i in wanted]))
+
+
+class LlamaCppEmbedder(Embedder):
+    """Embeddings on llama.cpp: its embeddings mode with mean pooling over each sequence's final
+    hidden states (after the output norm, as slmkit's), L2-normalised here. A second context on the
+    engine's loaded model, so serving and embedding share the weights. Rows are packed into one
+    llama_decode while their tokens fit the context (mean pooling needs a whole sequence per pass)."""
+
+    def __init__(self, engine: LlamaCppEngine, tokenizer, batch_size: int = 32, context: int | None = None):
+        self._setup(engine.config, tokenizer, batch_size, min(context or engine.max_seq_len, engine.max_seq_len))
+        self.engine = engine  # keeps the model alive
+        params = llama_cpp.llama_context_default_params()
+        # llama.cpp's pooling graph wants the pass's token count a multiple of its sequence count
+        params.n_ctx = params.n_batch = params.n_ubatch = -(-self.context // batch_size) * batch_size
+        params.n_seq_max, params.embeddings = batch_size, True
+        params.kv_unified = True  # one cache for all rows of a pass (split per sequence, one row could not fill it)
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.n_threads = params.n_threads_batch = torch.get_num_threads()
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(engine._model, params)
+        if not self._ctx:
+            raise SlmError("llama.cpp could not create an embeddings context (too little memory?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.context, 0, 1)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def _pooled(self, rows: list[list[int]]) -> torch.Tensor:
+        out, group, used = [], [], 0
+        for row in rows:
+            if group and used + len(row) > self.context:
+                out.append(self._decode(group))
+                group, used = [], 0
+            group.append(row)
+            used += len(row)
+        out.append(self._decode(group))
+        return torch.cat(out)
+
+    def _decode(self, rows: list[list[int]]) -> torch.Tensor:
+        """One llama_decode over `rows` (sequence i is row i); their pooled vectors (B, C)."""
+        llama_cpp.llama_memory_clear(self._memory, True)
+        batch, n = self._batch, 0
+        for seq, row in enumerate(rows):
+            for pos, tok in enumerate(row):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = tok, pos, 1, True
+                batch.seq_id[n][0] = seq
+                n += 1
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise SlmError(f"llama.cpp failed to embed a batch (status {status})")
+        width = self.dimensions
+        vectors = [np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_embeddings_seq(self._ctx, seq),
+                                                     ctypes.POINTER(ctypes.c_float)), shape=(width,)).copy()
+                   for seq in range(len(rows))]
+        return torch.from_numpy(np.stack(vectors))
 
 
 def _logits_row(ctx, index: int, vocab: int) -> np.ndarray:

@@ -17,9 +17,10 @@ from slmkit.data.readers import json_records
 from slmkit.errors import SlmError
 from slmkit.fileio import atomic_write
 from slmkit.infer.embed import Embedder
+from slmkit.infer.llamacpp import LlamaCppEmbedder, LlamaCppEngine, runtime_files
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
-from slmkit.runtime import use_threads
+from slmkit.runtime import RUNTIME_GGUF_TYPES, use_threads
 
 
 @dataclass
@@ -36,6 +37,10 @@ class EmbedJob:
     """texts per forward pass (vectors do not depend on it)"""
     threads: int | None = None
     """CPU threads (default: all cores)"""
+    engine: str = field(default="torch", metadata={"choices": ("torch", "llamacpp")})
+    """torch: slmkit's PyTorch model in float32 (the reference); llamacpp: llama.cpp's embeddings mode on a GGUF export (a GGUF model runs as it is)"""
+    gguf_type: str = field(default="q8_0", metadata={"choices": RUNTIME_GGUF_TYPES})
+    """GGUF type of the export the llamacpp engine runs"""
 
 
 def read_texts(path: str, key: str) -> list[str]:
@@ -62,8 +67,7 @@ def run_embed(job: EmbedJob) -> Path:
         raise SlmError(f"the output '{job.output}' must end in .npy (a NumPy array)")
     texts = read_texts(job.input, job.text_field)  # checked before the model loads
     use_threads(job.threads)
-    loaded = load(job.model, dtype=torch.float32)
-    embedder = Embedder(loaded.model, loaded.tokenizer, job.batch_size)
+    embedder = load_embedder(job.model, job.engine, job.gguf_type, job.batch_size)
     ids = embedder.encode(texts)
     embedder.check(ids)  # every text fits, or one line naming the first that does not, before the bar starts
     with tqdm(total=len(texts), desc="embedding", unit="text", file=sys.stderr) as bar:
@@ -73,6 +77,15 @@ def run_embed(job: EmbedJob) -> Path:
     atomic_write(out, lambda tmp: _save(tmp, result.vectors.numpy()))
     print(f"wrote {out}: {len(texts)} vectors of {embedder.dimensions} dimensions ({sum(result.tokens):,} tokens)")
     return out
+
+
+def load_embedder(model: str, engine: str, gguf_type: str = "q8_0", batch_size: int = 32) -> Embedder:
+    """An embedder of `model` on slmkit's PyTorch engine (float32) or on llama.cpp."""
+    if engine == "llamacpp":
+        files = runtime_files(model, gguf_type, progress=lambda m: print(m, file=sys.stderr))
+        return LlamaCppEmbedder(LlamaCppEngine.for_files(files), files.tokenizer, batch_size)
+    loaded = load(model, dtype=torch.float32)
+    return Embedder(loaded.model, loaded.tokenizer, batch_size)
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""`slm export gguf`, `slm export gguf-lora`, `slm convert` and `slm merge` as jobs."""
+"""`slm export gguf`, `slm export gguf-lora`, `slm export ollama`, `slm convert` and `slm merge` as jobs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import torch
 from slmkit.adapters.merge import merge_adapters
 from slmkit.compress.lowrank import densify
 from slmkit.errors import SlmError
+from slmkit.fileio import write_text
+from slmkit.generate import stop_token_ids
 from slmkit.interop.gguf import write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
+from slmkit.interop.modelfile import chat_format, modelfile
 from slmkit.interop.peft import is_adapter_dir
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
@@ -72,6 +75,45 @@ def run_gguf(job: GgufJob, log: Log = print) -> Path:
     out = write_gguf(loaded.model, loaded.tokenizer, job.out, job.type)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {job.type})")
     return out
+
+
+@dataclass
+class OllamaJob:
+    model: str = ""
+    """the run or MODEL to export (an adapter directory keeps its adapter separate: ADAPTER in the Modelfile)"""
+    out: str = ""
+    """the directory for the GGUF files and the Modelfile"""
+    type: str = field(default="q8_0", metadata={"choices": GGUF_TYPES})
+    """tensor type of the model GGUF (the adapter GGUF is f32)"""
+
+
+def run_ollama(job: OllamaJob, log: Log = print) -> Path:
+    """DIR/model.gguf (+ DIR/adapter.gguf for an adapter run) and DIR/Modelfile for `ollama create`."""
+    if not job.model or not job.out:
+        raise SlmError("give the run (or MODEL) and an output directory: slm export ollama RUN DIR")
+    if job.type not in GGUF_TYPES:
+        raise SlmError(f"GGUF type '{job.type}' is unknown (choose from {', '.join(GGUF_TYPES)})")
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_name = None
+    if is_adapter_dir(Path(job.model)):
+        loaded = _adapter(job.model, None)
+        adapter_name = "adapter.gguf"
+        write_gguf_lora(loaded.model, out / adapter_name, Path(job.model.rstrip("/")).name)
+        base = load_whole(loaded.source.base, log)
+        model, tokenizer = base.model, base.tokenizer or loaded.tokenizer
+    else:
+        loaded = load_whole(job.model, log)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise SlmError(f"'{job.model}' has no tokenizer; Ollama needs one in the GGUF")
+    write_gguf(model, tokenizer, out / "model.gguf", job.type)
+    stops = [tokenizer.token(i) for i in stop_token_ids(model.config, tokenizer)]
+    write_text(out / "Modelfile", modelfile("model.gguf", tokenizer.chat_template, stops, adapter_name, job.model))
+    fmt = chat_format(tokenizer.chat_template) or "the GGUF's own (read by Ollama)"
+    log(f"wrote {out}/Modelfile (chat format: {fmt}), model.gguf{' and adapter.gguf' if adapter_name else ''}; "
+        f"run: ollama create NAME -f {out}/Modelfile")
+    return out / "Modelfile"
 
 
 def _adapter(path: str, base: str | None):

@@ -24,6 +24,7 @@ from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.runtime import Decoding, Runtime, use_threads
 from slmkit.tokenizer import same_vocabulary
+from slmkit.toolcalls import ToolError, ToolUse, read_tool_choice, read_tools
 
 
 @dataclass
@@ -58,11 +59,32 @@ class ChatJob:
     runtime: Runtime = field(default_factory=Runtime)
     decoding: Decoding = field(default_factory=Decoding)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=512))
+    tools: str | None = None
+    """a JSON file of tools the model may call (OpenAI's format: a list of {"type": "function", "function": {...}});
+    calls are shown and /result TEXT answers them"""
+    tool_choice: str = "auto"
+    """auto (the model chooses), required (always a call), none, or a tool's name"""
 
 
 def run_chat(job: ChatJob) -> int:
+    tools = read_tool_file(job.tools, job.tool_choice) if job.tools else None  # refused before the model loads
     name, gen = load_generator(job.model, job.runtime, job.decoding)
-    return chat_loop(gen, job.sampling, job.system, name=name)
+    return chat_loop(gen, job.sampling, job.system, name=name, tools=tools)
+
+
+def read_tool_file(path: str, choice: str = "auto") -> ToolUse:
+    """Tools from a JSON file (a list, or {"tools": [...]}), checked; a one-line error naming the problem."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SlmError(f"--tools {path}: cannot read it as JSON ({error})") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    try:
+        listed = read_tools(tools)
+        named = {"type": "function", "function": {"name": choice}} if choice not in ("auto", "none", "required") else choice
+        return ToolUse(listed, read_tool_choice(named, listed))
+    except ToolError as error:
+        raise SlmError(f"--tools {path}: {error}") from None
 
 
 def _stderr(message: str) -> None:

@@ -27,6 +27,7 @@ from slmkit.serve.metrics import Metrics
 from slmkit.serve.ollama_api import add_ollama_routes
 from slmkit.serve.protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, EmbeddingRequest, error_response
 from slmkit.serve.scheduler import Event
+from slmkit.toolcalls import CallStream, parse_calls
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a small model's context
 
@@ -107,13 +108,11 @@ def create_app(backends: dict, api_key: str | None = None, timeout: float = 600.
     async def chat_completions(request: Request):
         body = await _read(request, ChatRequest, max_body)
         backend = _backend(backends, body.model)
-        if body.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
+        tools = body.tool_use()
         top = (body.top_logprobs or 0) if body.logprobs else None
         settings = Settings(body.token_limit, body.sampling, body.n, top, False, timeout, body.output_format)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        return await _answer(backend, body, [Prompt(messages=messages)], settings, chat=True, metrics=metrics)
+        prompt = Prompt(messages=[m.template_dict() for m in body.messages], tools=tools)
+        return await _answer(backend, body, [prompt], settings, chat=True, metrics=metrics)
 
     add_ollama_routes(app, backends, timeout)
 
@@ -292,9 +291,10 @@ def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, setting
     for index in sorted(choices):
         c = choices[index]
         if chat:
-            item = {"index": index, "message": {"role": "assistant", "content": c.text},
+            message, reason = _chat_message(c.text, c.finish_reason, _tool_format(runs, index, settings))
+            item = {"index": index, "message": message,
                     "logprobs": _chat_logprobs(c.tokens) if settings.top_logprobs is not None else None,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": reason}
         else:
             run = runs[index // settings.n]
             text = run.prompt_text + c.text if settings.echo else c.text
@@ -304,6 +304,22 @@ def _full_answer(rid, created, model, choices: dict[int, _Choice], runs, setting
         out.append(item)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": out, "usage": usage}
+
+
+def _tool_format(runs, index: int, settings: Settings) -> str | None:
+    """The call format to read choice `index` with (None: the chat has no tools)."""
+    return getattr(runs[index // settings.n], "tool_format", None)
+
+
+def _chat_message(text: str, finish_reason: str | None, tool_format: str | None) -> tuple[dict, str | None]:
+    """The assistant message (with `tool_calls` when the answer made calls) and its finish reason."""
+    if tool_format is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    content, calls = parse_calls(text, tool_format)
+    if not calls:
+        return {"role": "assistant", "content": text}, finish_reason
+    message = {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
+    return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _completion_logprobs(tokens) -> dict:
@@ -338,6 +354,7 @@ async def _stream(runs, settings: Settings, rid, created, model, chat, include_u
         return f"data: {json.dumps(body)}\n\n"
 
     greeted: set[int] = set()
+    calls: dict[int, _CallDeltas] = {}  # choice index -> its tool-call splitter (chats with tools)
     async with aclosing(_events(runs, settings.n)) as events:  # an early return frees the slots too
         async for index, event in events:
             if event.kind == "error":
@@ -345,18 +362,28 @@ async def _stream(runs, settings: Settings, rid, created, model, chat, include_u
                 return
             if chat and index not in greeted:
                 greeted.add(index)
+                if tool_format := _tool_format(runs, index, settings):
+                    calls[index] = _CallDeltas(tool_format)
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
             if event.kind == "text" and (event.text or event.tokens):
                 if first_token is None:
                     first_token = time.perf_counter() - started
                     metrics.first_token(model, first_token)
-                yield chunk([_delta(index, event, settings, chat)])
+                if index in calls:
+                    for delta in calls[index].feed(index, event.text):
+                        yield chunk([delta])
+                else:
+                    yield chunk([_delta(index, event, settings, chat)])
             elif event.kind == "done":
                 completion_tokens += event.completion_tokens
                 reason = "length" if event.finish_reason == "timeout" else event.finish_reason
                 if reason == "cancelled":
                     return
+                if index in calls:
+                    for delta in calls[index].feed(index, "", final=True):
+                        yield chunk([delta])
+                    reason = "tool_calls" if calls[index].count and reason == "stop" else reason
                 end = {"delta": {}} if chat else {"text": ""}
                 yield chunk([{"index": index, **end, "logprobs": None, "finish_reason": reason}])
     usage = _usage(runs, completion_tokens)
@@ -365,6 +392,23 @@ async def _stream(runs, settings: Settings, rid, created, model, chat, include_u
     yield "data: [DONE]\n\n"
     metrics.tokens(model, usage["prompt_tokens"], completion_tokens)
     metrics.latency(model, time.perf_counter() - started)
+
+
+class _CallDeltas:
+    """One choice's streamed answer as OpenAI's deltas: content, or `tool_calls` entries, each call
+    sent whole (id, name and arguments) as soon as it is complete."""
+
+    def __init__(self, tool_format: str):
+        self.splitter, self.count = CallStream(tool_format), 0
+
+    def feed(self, index: int, text: str, final: bool = False) -> list[dict]:
+        content, calls = self.splitter.feed(text, final)
+        out = [{"index": index, "delta": {"content": content}, "logprobs": None, "finish_reason": None}] if content else []
+        for call in calls:
+            out.append({"index": index, "delta": {"tool_calls": [call.openai(self.count)]}, "logprobs": None,
+                        "finish_reason": None})
+            self.count += 1
+        return out
 
 
 async def _prepend(first: str, rest):

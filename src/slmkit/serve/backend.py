@@ -14,14 +14,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from slmkit.data.sft import render_chat
 from slmkit.errors import SlmError
-from slmkit.generate import stop_token_ids
+from slmkit.generate import stop_token_ids, tool_output_format
 from slmkit.infer.constrain import Grammar, OutputFormat
 from slmkit.infer.embed import Embedder, Embeddings
+from slmkit.infer.llamacpp import LlamaCppEmbedder
 from slmkit.infer.sampling import SamplingParams
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.serve.protocol import ApiError
 from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
+from slmkit.toolcalls import ToolUse, tool_format
 
 RETRY_AFTER_S = 2
 
@@ -57,11 +60,12 @@ class Settings:
 
 @dataclass
 class Prompt:
-    """A prompt as text (a completion) or as chat messages, rendered by whoever runs it."""
+    """A prompt as text (a completion) or as chat messages (with tools), rendered by whoever runs it."""
 
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[dict] | None = None
+    tools: ToolUse | None = None
 
 
 class LocalBackend:
@@ -73,6 +77,7 @@ class LocalBackend:
         self.stop_ids = stop_token_ids(model.config, tokenizer)
         self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids)
         self.context = self.scheduler.context
+        self.tool_format = tool_format(tokenizer.chat_template)  # hermes | llama3 | generic
         self._embedder: Embedder | None = None
         self._embed_lock = threading.Lock()
 
@@ -85,7 +90,11 @@ class LocalBackend:
         if prompt.messages is not None:
             if not self.tokenizer.chat_template:
                 raise ApiError(400, f"model '{self.name}' has no chat template; use /v1/completions", param="model")
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt.messages))  # as `slm chat` does
+            try:  # as `slm chat` renders it, and as `slm finetune` trains a chat with tools
+                text = render_chat(self.tokenizer, prompt.messages, True, prompt.tools and prompt.tools.tools)
+            except SlmError as error:
+                raise ApiError(400, f"model '{self.name}': {error}", param="messages") from None
+            return self.tokenizer.encode(text)
         return self.tokenizer.encode(prompt.text or "")
 
     def check(self, ids: list[int], settings: Settings) -> int:
@@ -116,17 +125,23 @@ class LocalBackend:
         """Validate and encode now (so errors come before any streaming); generate when iterated."""
         ids = self.encode(prompt)
         max_tokens = self.check(ids, settings)
-        return LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(settings.output_format))
+        fmt = settings.output_format
+        if prompt.tools:
+            if fmt is not None:
+                raise ApiError(400, "give either tools or a response_format, not both", param="response_format")
+            fmt = tool_output_format(self.tokenizer, prompt.tools)
+        run = LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(fmt))
+        run.tool_format = self.tool_format if prompt.tools else None
+        return run
 
     def embed(self, texts: list[str], ids: list[list[int]], dimensions: int | None = None) -> Embeddings:
-        """Vectors of texts (or token ids) from the served weights (`slmkit.infer.embed`); one call at a
-        time (the decode loop runs beside it: neither touches the other's KV cache)."""
+        """Vectors of texts (or token ids) from the served weights (`slmkit.infer.embed`, or llama.cpp's
+        embeddings mode); one call at a time (the decode loop runs beside it: neither touches the
+        other's KV cache)."""
         runner = self.scheduler.runner
-        if not hasattr(runner, "model"):
-            raise ApiError(400, f"model '{self.name}' runs on llama.cpp, which serves no embeddings here yet; "
-                           "serve it with --engine torch for /v1/embeddings", param="model")
-        if self._embedder is None:
-            self._embedder = Embedder(runner.model, self.tokenizer, context=self.context)
+        if self._embedder is None:  # the served weights: slmkit's model, or llama.cpp's (a context of its own)
+            self._embedder = (Embedder(runner.model, self.tokenizer, context=self.context) if hasattr(runner, "model")
+                              else LlamaCppEmbedder(runner.engine, self.tokenizer, context=self.context))
         if dimensions not in (None, self._embedder.dimensions):
             raise ApiError(400, f"dimensions {dimensions} is not supported: this model's embeddings have "
                            f"{self._embedder.dimensions} (leave dimensions out)", param="dimensions")
@@ -150,6 +165,7 @@ class LocalRun:
     """One prompt's choices on a local model; iterate `events()` once."""
 
     route: dict | None = None  # set by the router
+    tool_format: str | None = None  # the call format to read the answer with, when the chat has tools
 
     def __init__(self, backend: LocalBackend, ids: list[int], max_tokens: int, settings: Settings, prompt_text: str,
                  grammar: Grammar | None = None):
@@ -168,7 +184,7 @@ class LocalRun:
             seeded = params if params.seed is None else replace(params, seed=params.seed + index)
             self.jobs.append(Job(self.ids, self.max_tokens, seeded, _forward(loop, queue, index), params.stop,
                                  settings.top_logprobs, settings.echo and settings.top_logprobs is not None,
-                                 deadline, matcher=self.grammar.matcher() if self.grammar else None))
+                                 deadline, matcher=self.grammar.matcher(self.max_tokens) if self.grammar else None))
         try:
             self.backend.scheduler.submit(self.jobs)
         except QueueFull as error:

@@ -5,8 +5,10 @@ A field we do not implement is refused with a 400 that names it, never silently 
 own API answers "Unrecognized request argument supplied" the same way): undeclared fields are
 collected by pydantic (`extra="allow"`) and `unsupported_fields` names them; only fields that
 change nothing about the answer (`metadata`, `store`, `service_tier`, `parallel_tool_calls` without
-tools) pass. Declared fields we cannot honour (`best_of`, `suffix`, tools) are refused where the
-request is answered.
+tools) pass. Declared fields we cannot honour (`best_of`, `suffix`) are refused where the request is answered.
+
+Tools: `tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool` messages as
+in OpenAI's API (`slmkit.toolcalls` writes the prompt, the grammar and reads the calls).
 
 Structured output: `response_format` {"type": "json_object"} or {"type": "json_schema",
 "json_schema": {"name", "schema", "strict"}} as in OpenAI's API, and `guided_choice` (a list of
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from slmkit.errors import SlmError
 from slmkit.infer.constrain import OutputFormat
 from slmkit.infer.sampling import SamplingParams
+from slmkit.toolcalls import ToolError, ToolUse, check_tool_history, read_tool_choice, read_tools
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
@@ -143,8 +146,22 @@ class CompletionRequest(_Common):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls: [{"id", "type": "function", "function": {...}}]
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it (developer is the system role of older models)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         """The message text (content parts of type "text" are joined, as for a text-only model)."""
@@ -166,6 +183,23 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     stream_options: dict | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    # One call per answer unless asked (llama.cpp's default too): a small model that may add calls
+    # tends to repeat the first one until the budget ends it.
+    parallel_tool_calls: bool = False
+
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools and tool_choice, checked (a 400 naming the JSON path of a problem)."""
+        try:
+            check_tool_history([m.template_dict() for m in self.messages])
+            if not self.tools:
+                if self.tool_choice not in (None, "none", "auto"):
+                    raise ToolError("asks for a tool call, but the request gives no tools", "tool_choice")
+                return None
+            tools = read_tools(self.tools)
+            return ToolUse(tools, read_tool_choice(self.tool_choice, tools), self.parallel_tool_calls)
+        except ToolError as error:
+            raise ApiError(400, str(error), param=error.path, code="invalid_value") from None
 
     @property
     def token_limit(self) -> int | None:

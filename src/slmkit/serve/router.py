@@ -54,6 +54,9 @@ class Router:
         return {self.local.name: self.local}
 
     def start(self, prompt: Prompt, settings: Settings) -> RouterRun:
+        if prompt.tools:
+            raise ApiError(400, f"the router does not route tool calls; send them to the local model "
+                           f"'{self.local.name}'", param="tools")
         ids = self.local.encode(prompt)
         fits = bool(ids) and len(ids) + (settings.max_tokens or 1) <= self.local.context
         if self.policy == "always-local":
