@@ -241,15 +241,9 @@ def _with_argument_objects(message: dict) -> dict:
     message = {**message, "content": message.get("content") or ""}  # templates concatenate it
     if not message.get("tool_calls"):
         return message
-    calls = []
-    for call in message["tool_calls"]:
-        function = dict(call.get("function") or {})
-        if isinstance(function.get("arguments"), str):
-            try:
-                function["arguments"] = json.loads(function["arguments"] or "{}")
-            except ValueError:
-                pass  # the template writes the string as it is
-        calls.append({**call, "function": function})
+    # arguments that are not JSON stay a string, which the template writes as it is
+    calls = [{**call, "function": {**(call.get("function") or {}), "arguments": _arguments(_call_from_message(call))}}
+             for call in message["tool_calls"]]
     return {**message, "tool_calls": calls}
 
 
@@ -299,13 +293,12 @@ def tool_grammar(tools: list[Tool], choice: str, kind: str, parallel: bool = Fal
     schema = {"anyOf": bodies, "x-guidance": _LAYOUT} if len(bodies) > 1 else {**bodies[0], "x-guidance": _LAYOUT}
     special = special_tokens or {}
     opener, closer = _lit(_HERMES_OPEN, special), _lit(_HERMES_CLOSE, special)
-    if kind == "llama3":  # one JSON object; text may not open with "{"
-        prefix, calls = r"\{", "calls: body"
+    prefix = r"\{" if kind == "llama3" else re.escape(_HERMES_OPEN)  # how a call opens: text may not
+    if kind == "llama3":  # one JSON object
+        calls = "calls: body"
     elif kind == "smollm2":  # one block holding a list
-        prefix = re.escape(_HERMES_OPEN)
         calls = f'calls: {opener} "[\\n" body ' + ('(",\\n" body)* ' if parallel else "") + f'"\\n]" {closer}'
     else:
-        prefix = re.escape(_HERMES_OPEN)
         block = f'{opener} "\\n" body "\\n" {closer}'
         calls = f'calls: {block} ("\\n" {block})*' if parallel else f"calls: {block}"
     rules = [f"body: %json {json.dumps(schema)}", calls, f"TEXT: /(.|\\n)+/ & ~/\\s*{prefix}(.|\\n)*/"]

@@ -77,7 +77,7 @@ class LocalBackend:
         self.stop_ids = stop_token_ids(model.config, tokenizer)
         self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids)
         self.context = self.scheduler.context
-        self.tool_format = tool_format(tokenizer.chat_template)  # hermes | llama3 | generic
+        self.tool_format = tool_format(tokenizer.chat_template)  # hermes | llama3 | smollm2 | generic
         self._embedder: Embedder | None = None
         self._embed_lock = threading.Lock()
 
@@ -130,9 +130,8 @@ class LocalBackend:
             if fmt is not None:
                 raise ApiError(400, "give either tools or a response_format, not both", param="response_format")
             fmt = tool_output_format(self.tokenizer, prompt.tools)
-        run = LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(fmt))
-        run.tool_format = self.tool_format if prompt.tools else None
-        return run
+        return LocalRun(self, ids, max_tokens, settings, prompt.text or "", self.grammar(fmt),
+                        self.tool_format if prompt.tools else None)
 
     def embed(self, texts: list[str], ids: list[list[int]], dimensions: int | None = None) -> Embeddings:
         """Vectors of texts (or token ids) from the served weights (`slmkit.infer.embed`, or llama.cpp's
@@ -165,12 +164,12 @@ class LocalRun:
     """One prompt's choices on a local model; iterate `events()` once."""
 
     route: dict | None = None  # set by the router
-    tool_format: str | None = None  # the call format to read the answer with, when the chat has tools
 
     def __init__(self, backend: LocalBackend, ids: list[int], max_tokens: int, settings: Settings, prompt_text: str,
-                 grammar: Grammar | None = None):
+                 grammar: Grammar | None = None, tool_format: str | None = None):
+        """tool_format: the call format to read the answer with, when the chat has tools."""
         self.backend, self.ids, self.max_tokens, self.settings = backend, ids, max_tokens, settings
-        self.grammar = grammar
+        self.grammar, self.tool_format = grammar, tool_format
         self.prompt_text, self.answered_by = prompt_text, backend.name
         self.jobs: list[Job] = []
 
