@@ -5,6 +5,7 @@ any option this server does not implement."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -61,3 +62,75 @@ def test_options_we_do_not_implement_are_refused_by_name(tiny_model, tiny_tokeni
         assert r.status_code == 400 and r.json() == {"error": "field images is not supported by this server; leave it out"}
         json_mode = client.chat(model="tiny", messages=CHAT, format="json", options={"temperature": 0, "num_predict": 40})
         assert json_mode.message.content.lstrip().startswith(("{", "["))
+
+
+# As the ollama client sends it (its models keep only type, description and enum of a property, and put
+# `required` first), so the OpenAI route gets the same prompt.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "enum": ["Oslo", "Paris"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}]
+WEATHER = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+@pytest.fixture
+def roomy_server(tiny_tokenizer):
+    """A tiny random model with room for the tool listing (the tiny tokenizer spells it nearly byte by byte)."""
+    from dataclasses import replace
+
+    from slmkit.load import random_model
+    from slmkit.presets import get_preset
+
+    model = random_model(replace(get_preset("tiny").config, max_position_embeddings=2048), seed=0)
+    # No prefix cache or speculation: a prompt read from a cached prefix, or positions verified together,
+    # round differently, and a seeded draw at temperature 1 on a random model can land on either side.
+    with served({"tiny": LocalBackend("tiny", model, tiny_tokenizer, prefix_cache_mb=0, lookup_tokens=0)}) as srv:
+        yield srv
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, dict(c.function.arguments)) for c in message.tool_calls or []]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_the_ollama_client_gets_the_tool_calls_the_openai_route_makes(roomy_server, choice, monkeypatch):
+    """Tools through /api/chat: the same calls and text as the OpenAI route for the same seed, arguments
+    as objects, streamed calls equal to the whole answer's. Ollama has no tool_choice (it is `auto`);
+    a random model under `auto` answers in text, so the call path is also run with the server's choice
+    set to `required`."""
+    from slmkit.serve import ollama_api
+    from slmkit.toolcalls import ToolUse
+
+    monkeypatch.setattr(ollama_api, "ToolUse", lambda tools: ToolUse(tools, choice))
+    client, openai_client = ollama.Client(host=roomy_server.url), roomy_server.client()
+    for seed in range(3):
+        expected = openai_client.chat.completions.create(model="tiny", messages=WEATHER, tools=TOOLS, max_tokens=160,
+                                                         temperature=1.0, seed=seed, tool_choice=choice)
+        message = expected.choices[0].message
+        want = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+        assert bool(want) == (choice == "required")
+        options = {"temperature": 1.0, "seed": seed, "num_predict": 160}
+        answer = client.chat(model="tiny", messages=WEATHER, tools=TOOLS, options=options)
+        assert _calls(answer.message) == want and answer.message.content.strip() == (message.content or "").strip()
+        parts = list(client.chat(model="tiny", messages=WEATHER, tools=TOOLS, options=options, stream=True))
+        assert [call for part in parts for call in _calls(part.message)] == want
+        assert "".join(part.message.content for part in parts).strip() == answer.message.content.strip()
+
+
+def test_ollama_tool_history_and_its_errors(roomy_server):
+    client = ollama.Client(host=roomy_server.url)
+    history = WEATHER + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}}]},
+        {"role": "tool", "content": '{"temp": 3}', "tool_name": "get_weather"}]
+    answer = client.chat(model="tiny", messages=history, tools=TOOLS, options={"temperature": 0, "num_predict": 8})
+    assert answer.done
+    url = roomy_server.url + "/api/chat"
+    orphan = {"model": "tiny", "messages": [WEATHER[0], history[2]], "tools": TOOLS, "stream": False}
+    r = httpx.post(url, json=orphan, timeout=30)
+    assert r.status_code == 400 and "messages[1]" in r.json()["error"]
+    bad = {"model": "tiny", "messages": WEATHER, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}
+    r = httpx.post(url, json=bad, timeout=30)
+    assert r.status_code == 400 and "tools[0].function.name" in r.json()["error"]
+    assert "tools" in client.show("tiny").capabilities

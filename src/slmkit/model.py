@@ -92,10 +92,11 @@ class KVCache:
         """Keep the first `length` slots (a reused prompt prefix, or the accepted part of a guess)."""
         self.length = length
 
-    def open_slot(self) -> None:
-        """Before a decode step: the slot it writes holds a real token in every row."""
+    def open_slot(self, count: int = 1) -> None:
+        """Before a decode step: the slots it writes (one, or several for a speculative guess) hold
+        real tokens in every row."""
         if self.key_valid is not None:
-            self.key_valid[:, self.length] = True
+            self.key_valid[:, self.length:self.length + count] = True
 
     def empty_like(self, batch: int, max_len: int) -> KVCache:
         """A new, empty cache of this one's shapes, dtype and device."""

@@ -338,30 +338,59 @@ class LlamaCppEngine:
         return torch.cat(self.prefill_sequences(list(range(len(prompts))), prompts, False, keep))
 
     def prefill_sequences(self, seqs: list[int], prompts: list[list[int]], all_logits: bool = False,
-                          start: int = 0) -> list[torch.Tensor]:
-        """Several prompts, each into its own sequence, packed into as few llama_decode calls as the
-        batch size allows (one call per prompt would pay llama.cpp's per-call cost each time)."""
+                          start: int | list[int] = 0) -> list[torch.Tensor]:
+        """Several prompts, each into its own sequence from position `start` (what the sequence already
+        holds: one count, or one per prompt), packed into as few llama_decode calls as the batch size
+        allows (one call per prompt would pay llama.cpp's per-call cost each time)."""
+        starts = start if isinstance(start, list) else [start] * len(prompts)
         entries = [(seq, tok, pos, all_logits or pos == len(prompt) - 1)
-                   for seq, prompt in zip(seqs, prompts) for pos, tok in enumerate(prompt) if pos >= start]
+                   for seq, prompt, first in zip(seqs, prompts, starts)
+                   for pos, tok in enumerate(prompt) if pos >= first]
         logits = torch.cat([self._run(entries[i:i + self.batch_tokens])
                             for i in range(0, len(entries), self.batch_tokens)])
-        sizes = [len(p) - start if all_logits else 1 for p in prompts]
+        sizes = [len(p) - first if all_logits else 1 for p, first in zip(prompts, starts)]
         return list(torch.split(logits, sizes))
 
     def free_sequence(self, seq: int) -> None:
         """Forget everything sequence `seq` holds (a request ended)."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
-    def step(self, feed: list[tuple[int, int, int]]) -> torch.Tensor:
-        """One decode step: (sequence, token, position) per row; returns their next-token logits (n, V).
+    def trim_sequence(self, seq: int, keep: int) -> None:
+        """Keep only the first `keep` positions of sequence `seq` (rejected guesses, a reused prefix)."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1):
+            raise SlmError(f"llama.cpp could not trim sequence {seq} to {keep} tokens")
 
-        The rows go to llama.cpp sorted by sequence id: a batch whose sequences are out of order is split
-        into many small passes (measured: 32 rows in descending order decode 3x slower)."""
-        order = sorted(range(len(feed)), key=lambda i: feed[i][0])
-        logits = self._run([(*feed[i], True) for i in order])
+    def save_sequence(self, seq: int) -> bytes:
+        """Sequence `seq`'s KV state, serialized by llama.cpp (for `load_sequence` into any sequence)."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buffer = (ctypes.c_ubyte * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, seq)
+        return bytes(memoryview(buffer)[:written])  # one copy (slicing the ctypes array makes a list of ints)
+
+    def load_sequence(self, seq: int, state: bytes) -> None:
+        """Put a `save_sequence` state into sequence `seq` (emptied first)."""
+        self.free_sequence(seq)
+        buffer = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), seq) == 0:
+            raise SlmError(f"llama.cpp could not restore a cached prefix into sequence {seq}")
+
+    def run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """llama_decode over (sequence, token, position, wants logits) entries in as few calls as the
+        batch size allows, each call's rows sorted by sequence id (a batch whose sequences are out of
+        order is split into many small passes: measured, 32 rows in descending order decode 3x slower);
+        the logits asked for, in the entries' order (n, V)."""
+        order = sorted(range(len(entries)), key=lambda i: (entries[i][0], entries[i][2]))
+        wanted = [i for i in order if entries[i][3]]
+        logits = torch.cat([self._run([entries[i] for i in order[j:j + self.batch_tokens]])
+                            for j in range(0, len(order), self.batch_tokens)])
+        rank = {i: r for r, i in enumerate(sorted(wanted))}  # where each wanted entry's row goes
         out = torch.empty_like(logits)
-        out[order] = logits
+        out[torch.tensor([rank[i] for i in wanted], dtype=torch.long)] = logits
         return out
+
+    def step(self, feed: list[tuple[int, int, int]]) -> torch.Tensor:
+        """One decode step: (sequence, token, position) per row; returns their next-token logits (n, V)."""
+        return self.run([(*row, True) for row in feed])
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
         """llama_decode over (sequence, token, position, wants logits) entries; the logits asked for."""

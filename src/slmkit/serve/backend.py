@@ -23,7 +23,7 @@ from slmkit.infer.llamacpp import LlamaCppEmbedder
 from slmkit.infer.sampling import SamplingParams
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.serve.protocol import ApiError
-from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
+from slmkit.serve.scheduler import LOOKUP_TOKENS, PREFIX_CACHE_MB, Event, Job, QueueFull, Scheduler
 from slmkit.toolcalls import ToolUse, tool_format
 
 RETRY_AFTER_S = 2
@@ -70,12 +70,14 @@ class Prompt:
 
 class LocalBackend:
     def __init__(self, name: str, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None):
+                 context: int | None = None, prefix_cache_mb: float = PREFIX_CACHE_MB,
+                 lookup_tokens: int = LOOKUP_TOKENS):
         if tokenizer is None:
             raise SlmError(f"model '{name}' has no tokenizer; serving needs one")
         self.name, self.tokenizer = name, tokenizer
         self.stop_ids = stop_token_ids(model.config, tokenizer)
-        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids)
+        self.scheduler = Scheduler(model, tokenizer, max_batch, max_queue, context, self.stop_ids, prefix_cache_mb,
+                                   lookup_tokens)
         self.context = self.scheduler.context
         self.tool_format = tool_format(tokenizer.chat_template)  # hermes | llama3 | smollm2 | generic
         self._embedder: Embedder | None = None
@@ -190,11 +192,14 @@ class LocalRun:
             raise ApiError(429, str(error), type="rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         open_choices = settings.n
+        # the scheduler ends late jobs itself; this is a guard (one timer for the whole answer: a
+        # wait_for per event would cost a task and a timer at every token of every stream)
+        guard = loop.time() + max(deadline - time.monotonic() + 5, 0.1)
         try:
             while open_choices:
-                left = deadline - time.monotonic() + 5  # the scheduler ends late jobs itself; this is a guard
                 try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=max(left, 0.1))
+                    async with asyncio.timeout_at(guard):
+                        index, event = await queue.get()
                 except TimeoutError:
                     raise ApiError(504, "the request timed out", type="timeout", code="timeout") from None
                 if event.kind in ("done", "error"):

@@ -55,14 +55,15 @@ class BatchCache:
         new.copy_from(old, slice(None), 0, index, slice(first, old.length))
         self.cache, self.rows = new, len(keep)
 
-    def before_step(self) -> KVCache:
-        """Make room for one more slot and mark it valid in every row; returns the model's cache."""
+    def before_step(self, slots: int = 1) -> KVCache:
+        """Make room for `slots` more slots (one per decode step; more to verify a speculative guess)
+        and mark them valid in every row; returns the model's cache."""
         cache = self.cache
-        if cache.length >= cache.max_len:
-            grown = self._allocate(self.rows, cache.length + HEADROOM, cache.length)
+        if cache.length + slots > cache.max_len:
+            grown = self._allocate(self.rows, cache.length + slots + HEADROOM, cache.length)
             grown.copy_from(cache, slice(None), 0, slice(None), slice(0, cache.length))
             self.cache = cache = grown
-        cache.open_slot()
+        cache.open_slot(slots)
         return cache
 
     def _allocate(self, rows: int, slots: int, length: int) -> KVCache:

@@ -43,6 +43,10 @@ class ServeConfig:
     """waiting requests per model before 429"""
     timeout: float = 300.0
     """seconds a request may take in all"""
+    prefix_cache_mb: float = 256.0
+    """memory per model for the KV state of recent prompts: a request that starts like one of them (a shared system prompt, earlier chat turns) runs only its new tokens (0: off)"""
+    lookup_tokens: int = 4
+    """prompt-lookup guesses verified per pass while one request decodes alone (speculative decoding, same text; 0: off)"""
     # Batched decoding reads each weight once per step for the whole batch; on CPUs without bf16 units
     # the bf16 weights would be converted to fp32 at every multi-row step, which costs more than it saves.
     runtime: Runtime = field(default_factory=lambda: Runtime(dtype="float32"))
@@ -55,6 +59,8 @@ class ServeConfig:
             raise SlmError(f"port {self.port} is outside 0..65535; give a free port such as 8000")
         if self.max_batch < 1 or self.max_queue < 1:
             raise SlmError("max_batch and max_queue must be at least 1")
+        if self.prefix_cache_mb < 0 or self.lookup_tokens < 0:
+            raise SlmError("prefix_cache_mb and lookup_tokens must be >= 0 (0 turns each off)")
 
 
 SERVE_EXAMPLES = """examples:

@@ -4,6 +4,7 @@ one process, as in the tests, never share counters)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
@@ -28,6 +29,7 @@ class Metrics:
             if scheduler is not None:
                 queue.labels(name).set_function(lambda s=scheduler: s.queue_depth)
                 active.labels(name).set_function(lambda s=scheduler: s.active)
+        r.register(DecodeSavings({name: b.scheduler for name, b in backends.items() if getattr(b, "scheduler", None)}))
 
     def request(self, path: str, status: int, seconds: float) -> None:
         path = path if path.startswith("/v1/") or path in ("/", "/health", "/metrics") else "other"
@@ -49,3 +51,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DecodeSavings:
+    """The prefix cache's and speculative decoding's counters, read from each model's scheduler when
+    /metrics is scraped (they are plain integers the scheduler thread increments)."""
+
+    def __init__(self, schedulers: dict):
+        self.schedulers = schedulers
+
+    def collect(self):
+        counters = {
+            "prefix_cache_lookups": "prompts looked up in the prefix cache",
+            "prefix_cache_hits": "prompts that reused a cached prefix",
+            "prefix_cache_reused_tokens": "prompt tokens whose KV came from the prefix cache instead of a forward pass",
+            "prefix_cache_evictions": "cached prefixes evicted (least recently used) to stay within the budget",
+            "speculative_drafted_tokens": "prompt-lookup guesses verified",
+            "speculative_accepted_tokens": "prompt-lookup guesses kept"}
+        families = {key: CounterMetricFamily(f"slmkit_{key}", text, labels=["model"]) for key, text in counters.items()}
+        size = GaugeMetricFamily("slmkit_prefix_cache_bytes", "memory held by cached prefixes", labels=["model"])
+        for name, scheduler in self.schedulers.items():
+            cache = scheduler.prefix
+            values = {"speculative_drafted_tokens": scheduler.drafted,
+                      "speculative_accepted_tokens": scheduler.accepted}
+            if cache is not None:
+                values.update(prefix_cache_lookups=cache.lookups, prefix_cache_hits=cache.hits,
+                              prefix_cache_reused_tokens=cache.reused_tokens, prefix_cache_evictions=cache.evictions)
+                size.add_metric([name], cache.bytes)
+            for key, value in values.items():
+                families[key].add_metric([name], value)
+        yield from families.values()
+        yield size

@@ -5,9 +5,12 @@
 Requests go through the same backends, scheduler and checks as /v1. Ollama's option names map to
 the sampler's: num_predict (-1: until the context is full), temperature (Ollama's default 0.8),
 top_k, top_p, seed, stop, repeat_penalty, frequency_penalty, presence_penalty; num_ctx is accepted
-when it fits the served context. `format` is "json" or a JSON Schema. An option or field this server
-does not implement is refused with a 400 naming it, never ignored. Errors are Ollama's
-`{"error": "..."}` with the HTTP status.
+when it fits the served context. `format` is "json" or a JSON Schema. /api/chat takes `tools` (as
+Ollama: the model may answer or call, under the same grammar as the OpenAI route's `auto`), assistant
+`tool_calls` and `tool` messages in the history, and answers calls as Ollama does (arguments as an
+object; streamed whole as each call completes). An option or field this server does not implement
+is refused with a 400 naming it, never ignored. Errors are Ollama's `{"error": "..."}` with the HTTP
+status.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from slmkit.infer.constrain import OutputFormat
 from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.backend import Prompt, Settings
 from slmkit.serve.protocol import ApiError
+from slmkit.toolcalls import CallStream, ToolCall, ToolError, ToolUse, check_tool_history, read_tools
 
 DETAILS = {"format": "slmkit", "family": "", "parameter_size": "", "quantization_level": ""}
 OLLAMA_TEMPERATURE = 0.8  # Ollama's default when the request names none
 OPTIONS = {"num_predict", "temperature", "top_k", "top_p", "seed", "stop", "repeat_penalty", "frequency_penalty",
            "presence_penalty", "num_ctx"}
 HARMLESS = {"keep_alive", "think", "stream", "options", "format", "model"}  # `think`: no reasoning models here
-FIELDS = {"chat": HARMLESS | {"messages"}, "generate": HARMLESS | {"prompt", "system", "raw"},
+MESSAGE_FIELDS = {"system": {"role", "content"}, "user": {"role", "content"},
+                  "assistant": {"role", "content", "tool_calls"}, "tool": {"role", "content", "tool_name"}}
+FIELDS = {"chat": HARMLESS | {"messages", "tools"}, "generate": HARMLESS | {"prompt", "system", "raw"},
           "embed": {"model", "input", "keep_alive", "truncate", "options", "dimensions"}, "show": {"model", "name", "verbose"}}
 
 
@@ -54,23 +60,18 @@ def add_ollama_routes(app: FastAPI, backends: dict, timeout: float) -> None:
         template = getattr(getattr(backend, "tokenizer", None), "chat_template", None) or ""
         return {"modelfile": "", "parameters": "", "template": template, "details": DETAILS,
                 "model_info": {"general.context_length": getattr(backend, "context", None)},
-                "capabilities": ["completion", "embedding"] if hasattr(backend, "embed") else ["completion"]}
+                "capabilities": ["completion", "tools", "embedding"] if hasattr(backend, "embed") else ["completion"]}
 
     @app.post("/api/chat")
     async def chat(request: Request):
         body = await _body(request, "chat")
         backend = _backend(backends, body.get("model"))
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str) for m in messages):
-            raise ApiError(400, "messages must be a non-empty list of {role: system|user|assistant, content: text}",
-                           param="messages")
-        for m in messages:
-            extra = sorted(set(m) - {"role", "content"})
-            if extra:
-                raise ApiError(400, f"message field {extra[0]} is not supported by this server", param=extra[0])
-        prompt = Prompt(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        prompt = Prompt(messages=_chat_messages(body.get("messages")), tools=_tools(body.get("tools")))
+        if prompt.tools:
+            try:
+                check_tool_history(prompt.messages)
+            except ToolError as error:
+                raise ApiError(400, str(error), param=error.path) from None
         return await _answer(backend, body, prompt, timeout, chat=True)
 
     @app.post("/api/generate")
@@ -118,6 +119,63 @@ async def _body(request: Request, kind: str) -> dict:
     if unknown:
         raise ApiError(400, f"field {', '.join(unknown)} is not supported by this server; leave it out", param=unknown[0])
     return data
+
+
+def _chat_messages(messages) -> list[dict]:
+    """Ollama's chat history as OpenAI's messages: its calls have no ids, so each gets one, and each
+    tool result answers the earliest call still open (of its `tool_name`, when it names one)."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in MESSAGE_FIELDS and isinstance(m.get("content", ""), str)
+            for m in messages):
+        raise ApiError(400, "messages must be a non-empty list of {role: system|user|assistant|tool, content: text}",
+                       param="messages")
+    out, open_calls = [], []  # open_calls: (id, tool name) of calls no result has answered yet
+    for i, m in enumerate(messages):
+        m = {k: v for k, v in m.items() if v not in (None, "", [])} | {"content": m.get("content") or ""}
+        extra = sorted(set(m) - MESSAGE_FIELDS[m["role"]])
+        if extra:
+            raise ApiError(400, f"message field {extra[0]} is not supported by this server", param=extra[0])
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [_openai_call(call, f"call_{i}_{j}", f"messages[{i}].tool_calls[{j}]")
+                                     for j, call in enumerate(m["tool_calls"])]
+            open_calls += [(c["id"], c["function"]["name"]) for c in message["tool_calls"]]
+        if m["role"] == "tool":
+            match = [c for c in open_calls if m.get("tool_name") in (None, c[1])]
+            if not match:
+                raise ApiError(400, f"messages[{i}] is a tool result, but no earlier assistant call is waiting for "
+                               f"one{' from ' + m['tool_name'] if m.get('tool_name') else ''}", param=f"messages[{i}]")
+            open_calls.remove(match[0])
+            message["tool_call_id"] = match[0][0]
+        out.append(message)
+    return out
+
+
+def _openai_call(call, call_id: str, where: str) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(400, 'each tool call is {"function": {"name": ..., "arguments": {...}}}', param=where)
+    arguments = function.get("arguments") or {}
+    arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _tools(tools) -> ToolUse | None:
+    """Ollama's `tools` (OpenAI's function format); the model chooses between text and a call."""
+    if not tools:
+        return None
+    try:
+        return ToolUse(read_tools(tools))
+    except ToolError as error:
+        raise ApiError(400, str(error), param=error.path) from None
+
+
+def _ollama_call(call: ToolCall) -> dict:
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError:  # not JSON (the grammar makes it JSON; kept as text if it somehow is not)
+        arguments = call.arguments
+    return {"function": {"name": call.name, "arguments": arguments}}
 
 
 def _backend(backends: dict, name):
@@ -172,12 +230,12 @@ async def _answer(backend, body: dict, prompt: Prompt, timeout: float, chat: boo
     settings = _settings(body, backend, timeout)
     run = backend.start(prompt, settings)  # validates before any work
     name, started = body["model"], time.perf_counter_ns()
-    pieces = _pieces(run)
+    pieces = _split(_pieces(run), getattr(run, "tool_format", None))
     if body.get("stream", True):  # Ollama streams unless told not to
         async def ndjson():
-            async for text, final in pieces:
-                yield json.dumps(_message(name, text, chat) if final is None else _final(name, chat, final, run,
-                                                                                       started)) + "\n"
+            async for text, calls, final in pieces:
+                yield json.dumps(_message(name, text, chat, calls) if final is None else
+                                 _final(name, chat, final, run, started)) + "\n"
         lines = ndjson()
         first = await anext(lines)  # a full queue or a failure before the first piece gets its own status
 
@@ -186,11 +244,10 @@ async def _answer(backend, body: dict, prompt: Prompt, timeout: float, chat: boo
             async for line in lines:
                 yield line
         return StreamingResponse(stream(), media_type="application/x-ndjson")
-    text, final = "", None
-    async for piece, done in pieces:
-        text += piece
-        final = done or final
-    return JSONResponse({**_final(name, chat, final, run, started), **_message(name, text, chat)} |
+    text, all_calls, final = "", [], None
+    async for piece, calls, done in pieces:
+        text, all_calls, final = text + piece, all_calls + calls, done or final
+    return JSONResponse({**_final(name, chat, final, run, started), **_message(name, text, chat, all_calls)} |
                         {"done": True})
 
 
@@ -210,12 +267,30 @@ async def _pieces(run):
         await run.aclose()
 
 
+async def _split(pieces, tool_format: str | None):
+    """(content, calls, None) for each piece of the answer, then ("", [], the done event); in a chat
+    with tools, text that may begin a call is held back and each call comes whole when it closes."""
+    splitter = CallStream(tool_format) if tool_format else None
+    async for text, final in pieces:
+        if splitter is None:
+            yield text, [], final
+            continue
+        content, calls = splitter.feed(text, final is not None)
+        if content or calls:
+            yield content, calls, None
+        if final is not None:
+            yield "", [], final
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _message(name: str, text: str, chat: bool) -> dict:
-    body = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+def _message(name: str, text: str, chat: bool, calls: list[ToolCall] = ()) -> dict:
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [_ollama_call(c) for c in calls]
+    body = {"message": message} if chat else {"response": text}
     return {"model": name, "created_at": _now(), **body, "done": False}
 
 

@@ -51,10 +51,12 @@ def load_backend(name: str, model: str, cfg: ServeConfig, pool: ModelPool | None
         # times 8-32 sequences would take gigabytes, so a request gets 2048 tokens unless --context says
         context = r.context or min(files.config.max_position_embeddings, LLAMACPP_SERVE_CONTEXT)
         engine = LlamaCppEngine.for_files(files, context, threads=r.threads, sequences=cfg.max_batch)
-        return LocalBackend(name, LlamaCppRunner(engine), files.tokenizer, cfg.max_batch, cfg.max_queue, context)
+        return LocalBackend(name, LlamaCppRunner(engine), files.tokenizer, cfg.max_batch, cfg.max_queue, context,
+                            cfg.prefix_cache_mb, cfg.lookup_tokens)
     pool = pool or ModelPool(getattr(torch, r.dtype))
     weights, tokenizer = pool.get(model)
-    return LocalBackend(name, weights, tokenizer, cfg.max_batch, cfg.max_queue, r.context)
+    return LocalBackend(name, weights, tokenizer, cfg.max_batch, cfg.max_queue, r.context, cfg.prefix_cache_mb,
+                        cfg.lookup_tokens)
 
 
 def build_backends(cfg: ServeConfig) -> dict:

@@ -10,6 +10,16 @@ samples the same tokens whatever else shares its steps (greedy ones are also bit
 Callers receive `Event`s through the `emit` callback they pass in, called from the scheduler
 thread (the server forwards them into its event loop).
 
+Three things save work under load (both engines):
+- prefix caching (`slmkit.serve.prefix`): every prefilled prompt's KV state is kept, within a byte
+  budget, and a prompt that starts like a kept one (a shared system prompt, earlier chat turns) runs
+  only its new tokens;
+- chunked prefill on a chunked runner (llama.cpp): prompts are fed in pieces of at most
+  PREFILL_CHUNK tokens inside the same llama_decode as the running rows' decode step, so a long
+  prompt never stalls the streams (the torch runner prefills whole prompts between steps);
+- speculative decoding when one request decodes alone: prompt-lookup guesses (as `slm generate
+  --speculate lookup`) are verified in one pass, each position sampled exactly as a plain step would.
+
 The forward passes belong to a runner (`slmkit.serve.runners`): slmkit's torch engine, or
 llama.cpp with one sequence per row; everything else here is the same for both.
 """
@@ -28,6 +38,8 @@ from slmkit.errors import SlmError
 from slmkit.generate import TextStream
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.sampling import SamplingParams, TokenChooser
+from slmkit.infer.speculate import PromptLookup
+from slmkit.serve.prefix import Hit, PrefixCache
 from slmkit.serve.runners import LlamaCppRunner, TorchRunner
 from slmkit.tokenizer import Tokenizer
 
@@ -83,12 +95,31 @@ class _Row:
     position: int  # RoPE position of the token fed at the next step (= tokens so far)
     logits: torch.Tensor  # (V,) logits for the next token
     last: int = -1  # the token fed at the next step
+    seen: list[int] = field(default_factory=list)  # prompt and chosen tokens (what prompt lookup searches)
     generated: int = 0
     finish_reason: str | None = None
     pending: list[TokenInfo] = field(default_factory=list)  # tokens whose text the stream holds back
 
 
-PREFILL_TOKENS = 1024  # padded tokens per joint prefill pass
+@dataclass
+class _Filling:
+    """A prompt being fed to a chunked runner in pieces."""
+
+    job: Job
+    handle: object  # the runner's sequence
+    done: int  # prompt tokens already in its cache (a reused prefix, then the pieces run so far)
+
+    @property
+    def left(self) -> int:
+        return len(self.job.prompt) - self.done
+
+
+PREFILL_TOKENS = 1024  # padded tokens per joint prefill pass (torch runner)
+# Prompt tokens per pass while rows decode (chunked runner): a 256-token piece costs about three decode
+# steps of 32 rows on 2 cores, so the streams slow down while a long prompt is read but never stop.
+PREFILL_CHUNK = 256
+PREFIX_CACHE_MB = 256  # default budget of the prefix cache
+LOOKUP_TOKENS = 4  # default prompt-lookup guesses per pass for a request decoding alone
 
 
 def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
@@ -106,8 +137,11 @@ def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
 
 class Scheduler:
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context: int | None = None, stop_ids: list[int] = ()):
-        """model: a torch model, or a runner (`slmkit.serve.runners`) for another engine."""
+                 context: int | None = None, stop_ids: list[int] = (), prefix_cache_mb: float = PREFIX_CACHE_MB,
+                 lookup_tokens: int = LOOKUP_TOKENS):
+        """model: a torch model, or a runner (`slmkit.serve.runners`) for another engine;
+        prefix_cache_mb: memory for cached prompt prefixes (0: off); lookup_tokens: prompt-lookup
+        guesses verified per pass when one request decodes alone (0: off)."""
         self.runner = model if isinstance(model, (TorchRunner, LlamaCppRunner)) else TorchRunner(model)
         self.config = self.runner.config
         self.tokenizer = tokenizer
@@ -115,6 +149,10 @@ class Scheduler:
         self.context = min(context or self.runner.max_seq_len, self.runner.max_seq_len)
         self.stop_ids = set(stop_ids)
         self.rows: list[_Row] = []
+        self.filling: list[_Filling] = []  # prompts a chunked runner is reading
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.lookup, self.lookup_tokens = PromptLookup(), lookup_tokens
+        self.drafted = self.accepted = 0  # speculative guesses verified and kept (metrics, tests)
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
         self.steps = 0  # decode steps run (for metrics and tests)
@@ -143,7 +181,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.filling)
 
     def close(self) -> None:
         with self.lock:
@@ -166,33 +204,63 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self._stopping and not self.waiting and not self.rows:
+                while not self._stopping and not self.waiting and not self.rows and not self.filling:
                     self.lock.wait()
                 if self._stopping:
                     break
                 joining = []
-                while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                while self.waiting and self.active + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
             with torch.inference_mode():
-                joining = [job for job in joining if self._admit(job)]
-                groups = [[job] for job in joining if job.echo_logprobs]
-                groups += prefill_groups([job for job in joining if not job.echo_logprobs])
-                for group in groups:
-                    try:
-                        self._join(group)
-                    except Exception as error:  # a request that fails must not take the others down
-                        for job in group:
-                            job.emit(Event("error", message=f"generation failed: {error}"))
+                self._join_all([job for job in joining if self._admit(job)])
                 try:
                     self._retire()
-                    if self.rows:
-                        self._step()
+                    if self.rows or self.filling:
+                        self._advance()
                         self._retire()
                 except Exception as error:
-                    for row in self.rows:
-                        row.job.emit(Event("error", message=f"generation failed: {error}"))
-                    self.rows = []
-                    self.runner.reset()
+                    self._fail_all(error)
+
+    def _join_all(self, jobs: list[Job]) -> None:
+        """Start the joining jobs. A job echoing prompt log-probabilities is prefilled whole and alone (it
+        needs every position's logits). On a chunked runner the others only get their sequence here
+        (`_advance` reads them in pieces); otherwise a prompt that starts with a cached prefix is
+        prefilled alone from it, and the rest together, in groups of similar lengths."""
+        rest = [job for job in jobs if not job.echo_logprobs]
+        for job in jobs:
+            if job.echo_logprobs:
+                self._guard([job], lambda job=job: self._join([job]))
+        if self.runner.chunked:
+            for job in rest:
+                self._guard([job], lambda job=job: self._open(job))
+            return
+        fresh = []
+        for job in rest:
+            hit = self.prefix.lookup(job.prompt) if self.prefix else None
+            if hit is None:
+                fresh.append(job)
+            else:
+                self._guard([job], lambda job=job, hit=hit: self._join_reusing(job, hit))
+        for group in prefill_groups(fresh):
+            self._guard(group, lambda group=group: self._join(group))
+
+    @staticmethod
+    def _guard(jobs: list[Job], work: Callable[[], None]) -> None:
+        """Run `work` for these jobs; if it fails, they end with an error and the others go on."""
+        try:
+            work()
+        except Exception as error:
+            for job in jobs:
+                job.emit(Event("error", message=f"generation failed: {error}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        """A shared pass failed: every running request ends with the error, and the runner starts over."""
+        for job in [row.job for row in self.rows] + [f.job for f in self.filling]:
+            job.emit(Event("error", message=f"generation failed: {error}"))
+        for filling in self.filling:
+            self.runner.release(filling.handle)
+        self.rows, self.filling = [], []
+        self.runner.reset()
 
     @staticmethod
     def _admit(job: Job) -> bool:
@@ -213,13 +281,35 @@ class Scheduler:
             if echo:
                 job.emit(Event("prompt", tokens=self._prompt_logprobs(job, job_logits)))
             self._start(job, job_logits[-1], handle)
+        if not echo:  # after every first token is out: copying the state would delay them
+            for job, handle in zip(jobs, handles):
+                self._remember(job, handle)
+
+    def _join_reusing(self, job: Job, hit: Hit) -> None:
+        """Prefill a job from a cached prefix (torch runner): only the prompt's new tokens run."""
+        handle, logits = self.runner.prefill_reusing(job.prompt, hit)
+        self.prefills += 1
+        self._start(job, logits[-1], handle)
+        self._remember(job, handle)
+
+    def _open(self, job: Job) -> None:
+        """Give a job a sequence of the chunked runner, holding its cached prefix if it has one."""
+        hit = self.prefix.lookup(job.prompt) if self.prefix else None
+        self.filling.append(_Filling(job, self.runner.open(hit), hit.tokens if hit else 0))
+
+    def _remember(self, job: Job, handle) -> None:
+        """Keep the started job's prompt KV state in the prefix cache (unless an entry holds it already;
+        a job with nothing to generate has already given its sequence back)."""
+        if self.prefix is not None and job.max_tokens > 0 and not self.prefix.covers(job.prompt):
+            state, nbytes = self.runner.snapshot(handle)
+            self.prefix.store(job.prompt, state, nbytes)
 
     def _start(self, job: Job, logits: torch.Tensor, handle) -> None:
         """A prefilled job (its next-token logits (V,), the runner's handle) becomes a decoding row."""
         matchers = None if job.matcher is None else [job.matcher]
         chooser = TokenChooser(job.params, [job.prompt], logits.shape[-1], matchers,
                                self.stop_ids | set(job.params.stop_token_ids))
-        state = _Row(job, TextStream(self.tokenizer, job.stop), chooser, len(job.prompt), logits)
+        state = _Row(job, TextStream(self.tokenizer, job.stop), chooser, len(job.prompt), logits, seen=list(job.prompt))
         if job.max_tokens == 0:  # echo-only scoring: nothing to generate
             self.runner.release(handle)
             self._finish(state, "length")
@@ -229,14 +319,75 @@ class Scheduler:
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
         self._choose(state)
 
+    def _advance(self) -> None:
+        """One pass: a decode step for every row (with a chunked runner, in the same pass as the next
+        pieces of the prompts it is reading), or a speculative pass for a request decoding alone."""
+        if self.runner.chunked and self.filling:
+            self._step_and_read()
+        elif len(self.rows) == 1 and self.lookup_tokens and not self.waiting:
+            self._speculate(self.rows[0])
+        else:
+            self._step()
+
     def _step(self) -> None:
         """One decode step for every row: feed each row's last token, get each row's next logits."""
         # each row counts its own positions (RoPE / llama.cpp positions)
-        logits = self.runner.step([r.last for r in self.rows], [r.position for r in self.rows])  # (B, V)
+        self._decoded(self.runner.step([r.last for r in self.rows], [r.position for r in self.rows]))  # (B, V)
+
+    def _decoded(self, logits: torch.Tensor) -> None:
+        """Every row's next logits (B, V) from a decode step: sample and stream each row's token."""
         self.steps += 1
         for row, row_logits in zip(self.rows, logits):
             row.logits, row.position = row_logits, row.position + 1
             self._choose(row)
+
+    def _step_and_read(self) -> None:
+        """A chunked runner's pass: the rows' decode step and up to PREFILL_CHUNK prompt tokens (the
+        whole batch while no row decodes), shortest prompts first, so the most requests start soonest."""
+        budget = PREFILL_CHUNK if self.rows else self.runner.batch_tokens
+        pieces = []
+        for filling in sorted(self.filling, key=lambda f: f.left):
+            if budget <= 0:
+                break
+            take = min(filling.left, budget)
+            pieces.append((filling, filling.done + take))
+            budget -= take
+        rows = self.rows
+        logits, ends = self.runner.run([(r.last, r.position) for r in rows],
+                                       [(f.handle, f.job.prompt[f.done:end], f.done, end == len(f.job.prompt))
+                                        for f, end in pieces])
+        self.prefills += 1
+        if rows:
+            self._decoded(logits)
+        finished = [f for f, end in pieces if end == len(f.job.prompt)]
+        for filling, end in pieces:
+            filling.done = end
+        for filling, last in zip(finished, ends):
+            self.filling.remove(filling)
+            self._start(filling.job, last, filling.handle)
+        for filling in finished:  # after every first token is out: copying the state would delay them
+            self._remember(filling.job, filling.handle)
+
+    def _speculate(self, row: _Row) -> None:
+        """Verify prompt-lookup guesses for a row decoding alone in one pass; each position is sampled
+        exactly as a plain step would sample it, and the first token that differs from the guess ends
+        the round (it is the step's own token), so the text is what plain decoding gives."""
+        room = min(row.job.max_tokens - row.generated, self.context - row.position) - 1
+        draft = self.lookup.propose(row.seen, min(self.lookup_tokens, room))
+        if not draft:
+            self._step()
+            return
+        start = row.position
+        logits = self.runner.verify([row.last, *draft], start)  # (1 + k, V): row i predicts position start+i+1
+        self.steps += 1
+        self.drafted += len(draft)
+        for i, guess in enumerate([*draft, None]):
+            row.logits, row.position = logits[i], row.position + 1
+            self._choose(row)
+            if row.finish_reason or row.last != guess:
+                break
+            self.accepted += 1
+        self.runner.discard(row.position, start + len(draft) + 1 - row.position)  # the slots of rejected guesses
 
     def _choose(self, row: _Row) -> None:
         """Sample the row's next token from its logits and stream it (the token is fed next step)."""
@@ -245,6 +396,7 @@ class Scheduler:
             row.finish_reason = "stop"
             return
         row.generated, row.last = row.generated + 1, token
+        row.seen.append(token)
         row.pending.append(self._token_info(row.job, row.logits, token))
         text = row.stream.push(token)
         if text or row.stream.stopped:
@@ -256,8 +408,16 @@ class Scheduler:
             row.finish_reason = "length"
 
     def _retire(self) -> None:
-        """Finish rows that are done, cancelled or past their deadline; drop them from the batch."""
+        """Finish rows that are done, cancelled or past their deadline; drop them from the batch (and
+        prompts being read that were cancelled or timed out)."""
         now, keep = time.monotonic(), []
+        for filling in list(self.filling):
+            job = filling.job
+            if job.cancelled or (job.deadline is not None and now > job.deadline):
+                self.filling.remove(filling)
+                self.runner.release(filling.handle)
+                if not job.cancelled:
+                    job.emit(Event("done", finish_reason="timeout", prompt_tokens=len(job.prompt)))
         for i, row in enumerate(self.rows):
             reason = row.finish_reason
             if row.job.cancelled:
