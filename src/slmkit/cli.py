@@ -91,6 +91,11 @@ VERBS = (
          description="Write RUN as DIR/model.gguf (an adapter run: its base, plus DIR/adapter.gguf) and "
          "DIR/Modelfile (FROM, ADAPTER, TEMPLATE from the chat template, PARAMETER stop). Then: "
          "ollama create NAME -f DIR/Modelfile"),
+    Verb("export onnx", J + "export:OnnxJob", J + "export:run_onnx",
+         "an ONNX Runtime GenAI directory (int4 / int8 / fp32) for phones, desktops and edge boxes", ("model", "out"),
+         description="Write MODEL as OUT/model.onnx (+ external weights), genai_config.json and the tokenizer, built "
+         "by onnxruntime-genai's model builder (GroupQueryAttention with the KV cache, MatMulNBits weights). Load "
+         "it with onnxruntime_genai.Model(OUT). Needs the [onnx] extra."),
     Verb("merge", J + "export:MergeJob", J + "export:run_merge",
          "fold an adapter into its base's weights (a quantized base is requantized)", ("base", "adapter"),
          description="Write BASE with ADAPTER folded into its weights: an HF directory (or a quantized checkpoint "
@@ -116,7 +121,7 @@ VERBS = (
          "resumable, with a report page", ("recipe", "overrides"), "slmkit.pipeline.verb:PIPELINE_EXAMPLES"),
 )
 BY_NAME = {verb.name: verb for verb in VERBS}
-GROUPS = {"export": "write a model for other runtimes (GGUF for llama.cpp / ollama)", "tokenizer": "tokenizer tools"}
+GROUPS = {"export": "write a model for other runtimes (GGUF for llama.cpp / ollama, ONNX Runtime GenAI)", "tokenizer": "tokenizer tools"}
 
 
 def _attr(target: str):

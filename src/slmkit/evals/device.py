@@ -28,10 +28,12 @@ from slmkit.config import from_dict
 from slmkit.errors import SlmError
 from slmkit.infer.engine import Engine
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
+from slmkit.infer.onnx_runtime import OnnxEngine, is_onnx_dir
 from slmkit.infer.sampling import SamplingParams
 from slmkit.load import load, resolve
 from slmkit.plots import save_png, scatter
 from slmkit.runtime import Runtime, use_threads
+from slmkit.sizing import count_params
 
 # Real shapes only (the tiny test configs would squash the plot), from 135M to 1.5B, several families at similar sizes, so the sweep shows what the architecture
 # (vocabulary, head count, GQA, Gemma's 256-wide heads, OLMo-2's post-norms) does to speed at equal parameters.
@@ -85,12 +87,14 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     """Measure in this process (the worker side of `measure`)."""
     use_threads(settings.runtime.threads)
     started = time.perf_counter()
-    if choose_engine(settings.runtime.engine, spec) == "llamacpp":
+    if is_onnx_dir(spec):  # an `slm export onnx` directory runs on onnxruntime-genai, whatever --engine says
+        engine, result = _onnx_engine(spec, settings)
+    elif choose_engine(settings.runtime.engine, spec) == "llamacpp":
         engine, result = _llamacpp_engine(spec, settings)
     else:
         engine, result = _torch_engine(spec, settings)
     result.load_s = time.perf_counter() - started
-    context = engine.max_seq_len if result.engine == "llamacpp" else engine.config.max_position_embeddings
+    context = engine.config.max_position_embeddings if result.engine == "torch" else engine.max_seq_len
     settings.check(context, spec)
     generator = torch.Generator().manual_seed(settings.seed)
     params = SamplingParams(max_new_tokens=settings.new_tokens)  # no stop tokens: always the full count
@@ -129,6 +133,16 @@ def _llamacpp_engine(spec: str, settings: BenchSettings):
                                       sequences=max(settings.batches))
     return engine, ModelBench(spec, engine.parameters, files.file_bytes / 2**20, 0.0, 0.0,
                               gguf_kind(files.gguf, r.gguf_type), r.threads or torch.get_num_threads(), engine="llamacpp")
+
+
+def _onnx_engine(spec: str, settings: BenchSettings):
+    """onnxruntime-genai on an exported directory: batch 1 only (its Generator runs one sequence here)."""
+    if settings.batches != (1,):
+        raise SlmError(f"'{spec}' is an ONNX Runtime GenAI directory, measured at batch 1 only; drop --batch")
+    engine = OnnxEngine(spec, settings.prompt_tokens + settings.new_tokens)
+    return engine, ModelBench(spec, count_params(engine.config).total, engine.file_bytes() / 2**20, 0.0, 0.0,
+                              f"onnx-{engine.precision}",
+                              torch.get_num_threads(), engine="onnx")
 
 
 def peak_rss_mib() -> float:

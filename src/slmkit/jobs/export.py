@@ -1,4 +1,5 @@
-"""`slm export gguf`, `slm export gguf-lora`, `slm export ollama`, `slm convert` and `slm merge` as jobs."""
+"""`slm export gguf`, `slm export gguf-lora`, `slm export ollama`, `slm export onnx`, `slm convert` and `slm merge`
+as jobs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from slmkit.interop.gguf import write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
 from slmkit.interop.modelfile import chat_format, modelfile
+from slmkit.interop.onnx import ONNX_PRECISIONS, onnx_missing, onnx_refusal, write_onnx
 from slmkit.interop.peft import is_adapter_dir
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
@@ -114,6 +116,39 @@ def run_ollama(job: OllamaJob, log: Log = print) -> Path:
     log(f"wrote {out}/Modelfile (chat format: {fmt}), model.gguf{' and adapter.gguf' if adapter_name else ''}; "
         f"run: ollama create NAME -f {out}/Modelfile")
     return out / "Modelfile"
+
+
+@dataclass
+class OnnxJob:
+    model: str = ""
+    """the MODEL to write (an adapter directory is merged into its base, a factorized model densified)"""
+    out: str = ""
+    """the output directory (model.onnx, genai_config.json, tokenizer) that onnxruntime-genai loads"""
+    precision: str = field(default="int4", metadata={"choices": ONNX_PRECISIONS})
+    """weights: int4 or int8 (MatMulNBits, weight-only, block 32) or fp32"""
+    force: bool = False
+    """replace OUT if it exists"""
+
+
+def run_onnx(job: OnnxJob, log: Log = print) -> Path:
+    """OUT as an ONNX Runtime GenAI directory; refused before loading anything the runtime cannot take."""
+    if not job.model or not job.out:
+        raise SlmError("give the MODEL to write and an output directory: slm export onnx MODEL OUT")
+    if Path(job.out).exists() and not job.force:
+        raise SlmError(f"'{job.out}' exists; give --force to replace it")
+    missing = onnx_missing()
+    if missing:
+        raise SlmError(missing)
+    loaded = load_whole(job.model, log)
+    if loaded.model.config.lowrank:
+        log(f"densified {densify(loaded.model)} factorized linears")
+    refusal = onnx_refusal(loaded.model.config)
+    if refusal:
+        raise SlmError(f"'{job.model}' cannot be written for ONNX Runtime GenAI: {refusal}")
+    out = write_onnx(loaded.model, loaded.tokenizer, job.out, job.precision, job.force, log)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    log(f"wrote {out} ({size:.1f} MiB, {job.precision}); run it with onnxruntime_genai.Model('{out}')")
+    return out
 
 
 def _adapter(path: str, base: str | None):

@@ -18,12 +18,13 @@ from slmkit.generate import TextGenerator
 from slmkit.infer.constrain import OutputFormat
 from slmkit.infer.engine import Engine
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, runtime_files
+from slmkit.infer.onnx_runtime import OnnxEngine, is_onnx_dir
 from slmkit.infer.sampling import SamplingParams
 from slmkit.infer.speculate import DraftModel, PromptLookup
 from slmkit.load import load
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.runtime import Decoding, Runtime, use_threads
-from slmkit.tokenizer import same_vocabulary
+from slmkit.tokenizer import Tokenizer, same_vocabulary
 from slmkit.toolcalls import ToolError, ToolUse, read_tool_choice, read_tools
 
 
@@ -97,6 +98,11 @@ def load_generator(model: str, runtime: Runtime, decoding: Decoding | None = Non
     use_threads(runtime.threads)
     speculate = speculate_spec(decoding.speculate)
     torch_only = [flag for flag, on in (("--compile", decoding.compile), ("--speculate", decoding.speculate)) if on]
+    if is_onnx_dir(model):  # an `slm export onnx` directory runs on its own runtime
+        if torch_only or runtime.engine != "auto":
+            raise SlmError(f"'{model}' is an ONNX Runtime GenAI directory; it runs on onnxruntime-genai only "
+                           f"(drop {(torch_only or ['--engine ' + runtime.engine])[0]})")
+        return Path(model).name, TextGenerator(None, Tokenizer.from_dir(model), engine=OnnxEngine(model, runtime.context))
     if choose_engine(runtime.engine, model, torch_only) == "llamacpp":
         files = runtime_files(model, runtime.gguf_type, progress=_stderr)
         engine = LlamaCppEngine.for_files(files, runtime.context, threads=runtime.threads)
