@@ -79,7 +79,7 @@ def prompts(count: int) -> list[str]:
 
 def start_server(args, engine: str, *options: str) -> tuple[subprocess.Popen, str]:
     """`slm serve` for `engine` with the bench's settings (and extra flags); its log goes to a file
-    (server.log) so the bench can look for tracebacks after it stops."""
+    (`server.log`) so the bench can look for tracebacks after it stops."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -241,17 +241,19 @@ def shared_prefix(args, engine: str, texts: list[str], system: str) -> dict:
             "ttft_ratio": runs["cached"]["ttft_p50_s"] / runs["uncached"]["ttft_p50_s"]}
 
 
-def bench_engine(args, engine: str, texts: list[str]) -> tuple[dict, dict, dict | None]:
+def bench_engine(args, engine: str, texts: list[str], shared_texts: list[str], system: str,
+                 sweep: bool) -> tuple[dict, dict | None, dict | None]:
     """One engine's rows: concurrent and sequential passes, counters, overload, shared system prompt;
-    also the bad-input sweep and the tool-calling requests (on the --tools-engine)."""
+    also the bad-input sweep (when `sweep`) and the tool-calling requests (on the --tools-engine)."""
     server, url = start_server(args, engine)
-    tool_rows = None
+    swept, tool_rows = None, None
     try:
         run_pass(url, args.name, texts[:2], 8, concurrent=False)  # warm-up
         together = run_pass(url, args.name, texts, args.max_tokens, concurrent=True)
         alone = run_pass(url, args.name, texts, args.max_tokens, concurrent=False)
         savings = decode_savings(url)
-        sweep = bad_input_sweep(url, args.name)
+        if sweep:
+            swept = bad_input_sweep(url, args.name)
         if engine == args.tools_engine:
             client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
             tool_rows = run_tools(client, args.name)
@@ -264,13 +266,12 @@ def bench_engine(args, engine: str, texts: list[str]) -> tuple[dict, dict, dict 
     finally:
         tracebacks_burst = stop_server(server)
     burst["tracebacks"] = tracebacks_burst
-    system = system_prompt(args.model, args.system_tokens)
-    shared = shared_prefix(args, engine, prompts(args.shared), system)
+    shared = shared_prefix(args, engine, shared_texts, system)
     same = sum(a == b for a, b in zip(together.pop("texts"), alone.pop("texts")))
     run = {"concurrent": together, "sequential": alone, "same_answers": same, "peak_rss_mib": peak,
            "throughput_x": together["tokens_per_s"] / alone["tokens_per_s"], "decode_savings": savings,
            "tracebacks": tracebacks, "overload": burst, "shared_prefix": shared}
-    return run, sweep, tool_rows
+    return run, swept, tool_rows
 
 
 def main() -> None:
@@ -293,10 +294,12 @@ def main() -> None:
     parser.add_argument("--shared-tokens", type=int, default=16, help="new tokens per request in that row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
-    texts = prompts(args.requests)
+    texts, shared_texts = prompts(args.requests), prompts(args.shared)
+    system = system_prompt(args.model, args.system_tokens)
     runs, sweep, tool_rows = {}, None, None
     for engine in args.engines.split(","):
-        runs[engine], engine_sweep, engine_tools = bench_engine(args, engine, texts)
+        runs[engine], engine_sweep, engine_tools = bench_engine(args, engine, texts, shared_texts, system,
+                                                                sweep is None)
         sweep, tool_rows = sweep or engine_sweep, tool_rows or engine_tools
     report = {"bench": "serve", "model": args.model, "tools": tool_rows, "dtype": args.dtype,
               "max_batch": args.max_batch,

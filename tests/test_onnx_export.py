@@ -95,7 +95,7 @@ def test_exports_are_refused_before_work(tiny_dir, tmp_path, monkeypatch, tiny_t
         with pytest.raises(SlmError, match="no Hugging Face class holds this model"):
             run_onnx(OnnxJob(str(pruned), str(tmp_path / "out")))
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-    monkeypatch.setattr("slmkit.jobs.export.onnx_missing", lambda: f"ONNX export needs onnxruntime-genai: {INSTALL}")
+    monkeypatch.setattr("slmkit.interop.onnx.onnx_missing", lambda: f"ONNX export needs onnxruntime-genai: {INSTALL}")
     with pytest.raises(SlmError, match=r"pip install -e '\.\[onnx\]'"):
         run_onnx(OnnxJob(str(path), str(tmp_path / "out2")))
 

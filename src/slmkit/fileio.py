@@ -78,6 +78,11 @@ def replace_dir(partial: Path, path: Path) -> Path:
     return path
 
 
+def dir_bytes(path: Path) -> int:
+    """Size on disk of the files directly in a directory (an exported model and its side files)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
 def file_sha256(path: Path) -> str:
     """Content hash of one file, read in 1 MiB blocks (model files are hundreds of MiB)."""
     digest = hashlib.sha256()

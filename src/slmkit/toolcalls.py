@@ -100,6 +100,14 @@ class ToolCall:
         out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return out if index is None else {"index": index, **out}
 
+    def argument_values(self):
+        """The arguments as an object (as family templates and Ollama write them); text that is not
+        JSON stays text."""
+        try:
+            return json.loads(self.arguments or "{}")
+        except ValueError:
+            return self.arguments
+
 
 def read_tools(tools: list, param: str = "tools") -> list[Tool]:
     """OpenAI's `tools` list -> Tools; a ToolError naming the JSON path of the first problem."""
@@ -231,7 +239,7 @@ def writes_calls(chat_template: str | None) -> bool:
 
 
 def _calls_as_text(message: dict, kind: str) -> dict:
-    calls = [_call_from_message(c) for c in message.get("tool_calls") or []]
+    calls = [call_from_message(c) for c in message.get("tool_calls") or []]
     written = [call_text(c, kind) for c in calls] if kind != "smollm2" or not calls else [smollm2_block(calls)]
     content = "\n".join(filter(None, [message.get("content") or "", *written]))
     return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
@@ -242,12 +250,13 @@ def _with_argument_objects(message: dict) -> dict:
     if not message.get("tool_calls"):
         return message
     # arguments that are not JSON stay a string, which the template writes as it is
-    calls = [{**call, "function": {**(call.get("function") or {}), "arguments": _arguments(_call_from_message(call))}}
+    calls = [{**call, "function": {**(call.get("function") or {}), "arguments": call_from_message(call).argument_values()}}
              for call in message["tool_calls"]]
     return {**message, "tool_calls": calls}
 
 
-def _call_from_message(call: dict) -> ToolCall:
+def call_from_message(call: dict) -> ToolCall:
+    """An OpenAI history call (arguments as a JSON string or, as Ollama sends them, an object)."""
     function = call.get("function") or {}
     arguments = function.get("arguments", "{}")
     return ToolCall(function.get("name", ""), arguments if isinstance(arguments, str) else json.dumps(arguments))
@@ -255,7 +264,7 @@ def _call_from_message(call: dict) -> ToolCall:
 
 def call_text(call: ToolCall, kind: str) -> str:
     """A call as the family writes it (for history turns and training data)."""
-    arguments = _arguments(call)
+    arguments = call.argument_values()
     if kind == "llama3":
         return json.dumps({"name": call.name, "parameters": arguments}, ensure_ascii=False)
     if kind == "smollm2":
@@ -266,15 +275,8 @@ def call_text(call: ToolCall, kind: str) -> str:
 
 def smollm2_block(calls: list[ToolCall]) -> str:
     """SmolLM2's one block for all of a turn's calls: a JSON list inside <tool_call></tool_call>."""
-    items = [json.dumps({"name": c.name, "arguments": _arguments(c)}, ensure_ascii=False) for c in calls]
+    items = [json.dumps({"name": c.name, "arguments": c.argument_values()}, ensure_ascii=False) for c in calls]
     return f"{_HERMES_OPEN}[\n" + ",\n".join(items) + f"\n]{_HERMES_CLOSE}"
-
-
-def _arguments(call: ToolCall):
-    try:
-        return json.loads(call.arguments or "{}")
-    except ValueError:
-        return call.arguments
 
 
 # -- the grammar ------------------------------------------------------------------------------------

@@ -338,17 +338,14 @@ class LlamaCppEngine:
         return torch.cat(self.prefill_sequences(list(range(len(prompts))), prompts, False, keep))
 
     def prefill_sequences(self, seqs: list[int], prompts: list[list[int]], all_logits: bool = False,
-                          start: int | list[int] = 0) -> list[torch.Tensor]:
-        """Several prompts, each into its own sequence from position `start` (what the sequence already
-        holds: one count, or one per prompt), packed into as few llama_decode calls as the batch size
-        allows (one call per prompt would pay llama.cpp's per-call cost each time)."""
-        starts = start if isinstance(start, list) else [start] * len(prompts)
+                          start: int = 0) -> list[torch.Tensor]:
+        """Several prompts, each into its own sequence, packed into as few llama_decode calls as the
+        batch size allows (one call per prompt would pay llama.cpp's per-call cost each time)."""
         entries = [(seq, tok, pos, all_logits or pos == len(prompt) - 1)
-                   for seq, prompt, first in zip(seqs, prompts, starts)
-                   for pos, tok in enumerate(prompt) if pos >= first]
+                   for seq, prompt in zip(seqs, prompts) for pos, tok in enumerate(prompt) if pos >= start]
         logits = torch.cat([self._run(entries[i:i + self.batch_tokens])
                             for i in range(0, len(entries), self.batch_tokens)])
-        sizes = [len(p) - first if all_logits else 1 for p, first in zip(prompts, starts)]
+        sizes = [len(p) - start if all_logits else 1 for p in prompts]
         return list(torch.split(logits, sizes))
 
     def free_sequence(self, seq: int) -> None:
@@ -380,13 +377,10 @@ class LlamaCppEngine:
         order is split into many small passes: measured, 32 rows in descending order decode 3x slower);
         the logits asked for, in the entries' order (n, V)."""
         order = sorted(range(len(entries)), key=lambda i: (entries[i][0], entries[i][2]))
-        wanted = [i for i in order if entries[i][3]]
         logits = torch.cat([self._run([entries[i] for i in order[j:j + self.batch_tokens]])
-                            for j in range(0, len(order), self.batch_tokens)])
-        rank = {i: r for r, i in enumerate(sorted(wanted))}  # where each wanted entry's row goes
-        out = torch.empty_like(logits)
-        out[torch.tensor([rank[i] for i in wanted], dtype=torch.long)] = logits
-        return out
+                            for j in range(0, len(order), self.batch_tokens)])  # row r: the r-th wanted in `order`
+        wanted = torch.tensor([i for i in order if entries[i][3]], dtype=torch.long)
+        return logits[wanted.argsort()]  # back to the entries' order
 
     def step(self, feed: list[tuple[int, int, int]]) -> torch.Tensor:
         """One decode step: (sequence, token, position) per row; returns their next-token logits (n, V)."""

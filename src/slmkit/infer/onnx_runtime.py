@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from slmkit.errors import SlmError
-from slmkit.fileio import read_json
+from slmkit.fileio import dir_bytes, read_json
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.engine import Generation, TokenCallback, check_prompt, decode_rows
 from slmkit.infer.sampling import SamplingParams
@@ -88,4 +88,4 @@ class OnnxEngine:
         return torch.from_numpy(generator.get_logits()[:, -1].copy())  # (1, V), the last position's
 
     def file_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return dir_bytes(self.path)

@@ -45,6 +45,15 @@ def onnx_missing() -> str | None:
     return None
 
 
+def check_onnx_target(out: str | Path, force: bool) -> None:
+    """What can be refused before a model is loaded: an existing OUT, a missing extra."""
+    if Path(out).exists() and not force:
+        raise SlmError(f"'{out}' exists; give --force to replace it")
+    missing = onnx_missing()
+    if missing:
+        raise SlmError(missing)
+
+
 def onnx_refusal(config) -> str | None:
     """Why this architecture cannot be written for ONNX Runtime GenAI, or None."""
     family = export_family(config)
@@ -63,12 +72,11 @@ def write_onnx(model, tokenizer, out: str | Path, precision: str = "int4", force
     directory; the directory appears whole or not at all."""
     if precision not in ONNX_PRECISIONS:
         raise SlmError(f"ONNX precision '{precision}' is unknown (choose from {', '.join(ONNX_PRECISIONS)})")
+    check_onnx_target(out, force)
+    refusal = onnx_refusal(model.config)
+    if refusal:
+        raise SlmError(f"this model cannot be written for ONNX Runtime GenAI: {refusal}")
     out = Path(out)
-    if out.exists() and not force:
-        raise SlmError(f"'{out}' exists; give --force to replace it")
-    for problem in (onnx_missing(), onnx_refusal(model.config)):
-        if problem:
-            raise SlmError(problem)
     if tokenizer is None:
         raise SlmError("the model has no tokenizer; onnxruntime-genai needs one beside the graph")
     partial = partial_dir(out)

@@ -11,13 +11,13 @@ import torch
 from slmkit.adapters.merge import merge_adapters
 from slmkit.compress.lowrank import densify
 from slmkit.errors import SlmError
-from slmkit.fileio import write_text
+from slmkit.fileio import dir_bytes, write_text
 from slmkit.generate import stop_token_ids
 from slmkit.interop.gguf import write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
 from slmkit.interop.modelfile import chat_format, modelfile
-from slmkit.interop.onnx import ONNX_PRECISIONS, onnx_missing, onnx_refusal, write_onnx
+from slmkit.interop.onnx import ONNX_PRECISIONS, check_onnx_target, write_onnx
 from slmkit.interop.peft import is_adapter_dir
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
@@ -134,20 +134,13 @@ def run_onnx(job: OnnxJob, log: Log = print) -> Path:
     """OUT as an ONNX Runtime GenAI directory; refused before loading anything the runtime cannot take."""
     if not job.model or not job.out:
         raise SlmError("give the MODEL to write and an output directory: slm export onnx MODEL OUT")
-    if Path(job.out).exists() and not job.force:
-        raise SlmError(f"'{job.out}' exists; give --force to replace it")
-    missing = onnx_missing()
-    if missing:
-        raise SlmError(missing)
+    check_onnx_target(job.out, job.force)  # before the model loads
     loaded = load_whole(job.model, log)
     if loaded.model.config.lowrank:
         log(f"densified {densify(loaded.model)} factorized linears")
-    refusal = onnx_refusal(loaded.model.config)
-    if refusal:
-        raise SlmError(f"'{job.model}' cannot be written for ONNX Runtime GenAI: {refusal}")
     out = write_onnx(loaded.model, loaded.tokenizer, job.out, job.precision, job.force, log)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-    log(f"wrote {out} ({size:.1f} MiB, {job.precision}); run it with onnxruntime_genai.Model('{out}')")
+    log(f"wrote {out} ({dir_bytes(out) / 2**20:.1f} MiB, {job.precision}); "
+        f"run it with onnxruntime_genai.Model('{out}')")
     return out
 
 

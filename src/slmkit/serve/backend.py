@@ -22,8 +22,9 @@ from slmkit.infer.embed import Embedder, Embeddings
 from slmkit.infer.llamacpp import LlamaCppEmbedder
 from slmkit.infer.sampling import SamplingParams
 from slmkit.presets import DEFAULT_MODEL
+from slmkit.serve.config import LOOKUP_TOKENS, PREFIX_CACHE_MB
 from slmkit.serve.protocol import ApiError
-from slmkit.serve.scheduler import LOOKUP_TOKENS, PREFIX_CACHE_MB, Event, Job, QueueFull, Scheduler
+from slmkit.serve.scheduler import Event, Job, QueueFull, Scheduler
 from slmkit.toolcalls import ToolUse, tool_format
 
 RETRY_AFTER_S = 2

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from slmkit.errors import SlmError
 from slmkit.runtime import Runtime
 
+PREFIX_CACHE_MB = 256.0  # per model: the KV state of recent prompts (the scheduler's default too)
+LOOKUP_TOKENS = 4  # prompt-lookup guesses verified per pass for a request decoding alone
+
 
 @dataclass
 class RouterConfig:
@@ -43,9 +46,9 @@ class ServeConfig:
     """waiting requests per model before 429"""
     timeout: float = 300.0
     """seconds a request may take in all"""
-    prefix_cache_mb: float = 256.0
+    prefix_cache_mb: float = PREFIX_CACHE_MB
     """memory per model for the KV state of recent prompts: a request that starts like one of them (a shared system prompt, earlier chat turns) runs only its new tokens (0: off)"""
-    lookup_tokens: int = 4
+    lookup_tokens: int = LOOKUP_TOKENS
     """prompt-lookup guesses verified per pass while one request decodes alone (speculative decoding, same text; 0: off)"""
     # Batched decoding reads each weight once per step for the whole batch; on CPUs without bf16 units
     # the bf16 weights would be converted to fp32 at every multi-row step, which costs more than it saves.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,7 @@ from slmkit.infer.constrain import OutputFormat
 from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.backend import Prompt, Settings
 from slmkit.serve.protocol import ApiError
-from slmkit.toolcalls import CallStream, ToolCall, ToolError, ToolUse, check_tool_history, read_tools
+from slmkit.toolcalls import CallStream, ToolCall, ToolError, ToolUse, call_from_message, check_tool_history, read_tools
 
 DETAILS = {"format": "slmkit", "family": "", "parameter_size": "", "quantization_level": ""}
 OLLAMA_TEMPERATURE = 0.8  # Ollama's default when the request names none
@@ -155,9 +156,7 @@ def _openai_call(call, call_id: str, where: str) -> dict:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise ApiError(400, 'each tool call is {"function": {"name": ..., "arguments": {...}}}', param=where)
-    arguments = function.get("arguments") or {}
-    arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return replace(call_from_message(call), id=call_id).openai()
 
 
 def _tools(tools) -> ToolUse | None:
@@ -168,14 +167,6 @@ def _tools(tools) -> ToolUse | None:
         return ToolUse(read_tools(tools))
     except ToolError as error:
         raise ApiError(400, str(error), param=error.path) from None
-
-
-def _ollama_call(call: ToolCall) -> dict:
-    try:
-        arguments = json.loads(call.arguments)
-    except ValueError:  # not JSON (the grammar makes it JSON; kept as text if it somehow is not)
-        arguments = call.arguments
-    return {"function": {"name": call.name, "arguments": arguments}}
 
 
 def _backend(backends: dict, name):
@@ -289,7 +280,7 @@ def _now() -> str:
 def _message(name: str, text: str, chat: bool, calls: list[ToolCall] = ()) -> dict:
     message = {"role": "assistant", "content": text}
     if calls:
-        message["tool_calls"] = [_ollama_call(c) for c in calls]
+        message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.argument_values()}} for c in calls]
     body = {"message": message} if chat else {"response": text}
     return {"model": name, "created_at": _now(), **body, "done": False}
 

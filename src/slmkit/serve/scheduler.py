@@ -39,6 +39,7 @@ from slmkit.generate import TextStream
 from slmkit.infer.constrain import TokenMatcher
 from slmkit.infer.sampling import SamplingParams, TokenChooser
 from slmkit.infer.speculate import PromptLookup
+from slmkit.serve.config import LOOKUP_TOKENS, PREFIX_CACHE_MB
 from slmkit.serve.prefix import Hit, PrefixCache
 from slmkit.serve.runners import LlamaCppRunner, TorchRunner
 from slmkit.tokenizer import Tokenizer
@@ -86,6 +87,9 @@ class Job:
         """Ask the scheduler to drop this job at the next step (a client went away)."""
         self.cancelled = True
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
 
 @dataclass
 class _Row:
@@ -118,8 +122,6 @@ PREFILL_TOKENS = 1024  # padded tokens per joint prefill pass (torch runner)
 # Prompt tokens per pass while rows decode (chunked runner): a 256-token piece costs about three decode
 # steps of 32 rows on 2 cores, so the streams slow down while a long prompt is read but never stop.
 PREFILL_CHUNK = 256
-PREFIX_CACHE_MB = 256  # default budget of the prefix cache
-LOOKUP_TOKENS = 4  # default prompt-lookup guesses per pass for a request decoding alone
 
 
 def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
@@ -212,7 +214,7 @@ class Scheduler:
                 while self.waiting and self.active + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
             with torch.inference_mode():
-                self._join_all([job for job in joining if self._admit(job)])
+                self._join_all([job for job in joining if self._wanted(job)])
                 try:
                     self._retire()
                     if self.rows or self.filling:
@@ -263,11 +265,12 @@ class Scheduler:
         self.runner.reset()
 
     @staticmethod
-    def _admit(job: Job) -> bool:
-        """False for a job that was cancelled or expired while it waited (answered here)."""
+    def _wanted(job: Job) -> bool:
+        """False for a job not yet decoding (waiting, or its prompt being read) that was cancelled or
+        is past its deadline (a timed-out one is answered here)."""
         if job.cancelled:
             return False
-        if job.deadline is not None and time.monotonic() > job.deadline:  # it waited in the queue too long
+        if job.expired(time.monotonic()):
             job.emit(Event("done", finish_reason="timeout", prompt_tokens=len(job.prompt)))
             return False
         return True
@@ -410,19 +413,15 @@ class Scheduler:
     def _retire(self) -> None:
         """Finish rows that are done, cancelled or past their deadline; drop them from the batch (and
         prompts being read that were cancelled or timed out)."""
+        for filling in [f for f in self.filling if not self._wanted(f.job)]:
+            self.filling.remove(filling)
+            self.runner.release(filling.handle)
         now, keep = time.monotonic(), []
-        for filling in list(self.filling):
-            job = filling.job
-            if job.cancelled or (job.deadline is not None and now > job.deadline):
-                self.filling.remove(filling)
-                self.runner.release(filling.handle)
-                if not job.cancelled:
-                    job.emit(Event("done", finish_reason="timeout", prompt_tokens=len(job.prompt)))
         for i, row in enumerate(self.rows):
             reason = row.finish_reason
             if row.job.cancelled:
                 reason = "cancelled"
-            elif row.job.deadline is not None and now > row.job.deadline and reason is None:
+            elif row.job.expired(now) and reason is None:
                 reason = "timeout"
             if reason is None:
                 keep.append(i)
