@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean litert-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,16 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# LiteRT's converter cannot share .venv with the [test] extra (pyproject's note on [litert]: it pins
+# typing-extensions below what openai and selenium need), so its tests run in .venv-litert: slmkit's core,
+# the [litert] extra and pytest. .ci/run runs this after `make test`.
+LITERT_VENV := .venv-litert
+litert-check:
+	test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(LITERT_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[litert]' 'pytest>=8'
+	HF_HUB_OFFLINE=1 $(LITERT_VENV)/bin/python -m pytest -m litert tests/test_litert_export.py
 
 # Slow checks and benchmarks (each writes bench/results/*.json and prints a table).
 bench: setup

@@ -17,6 +17,31 @@ os.environ.setdefault("SLMKIT_CACHE", tempfile.mkdtemp(prefix="slmkit-test-cache
 # Said by every llama.cpp test that skips on a machine without the extra (CI installs it: .ci/run).
 LLAMA_CPP_MISSING = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (builds llama.cpp; CI has it)"
 
+
+
+def _llama_cpp_without_amx_buffers() -> None:
+    """The tests that drive llama-cpp-python's own `Llama` (the peer) get the setting our engine uses on
+    AMX CPUs: llama.cpp's AMX weight buffers crash its worker threads there (infer/llamacpp.py)."""
+    try:
+        from llama_cpp import llama_cpp as low_level
+    except ImportError:
+        return
+    from slmkit.layers import cpu_flags
+
+    if "amx_int8" not in cpu_flags():
+        return
+    default = low_level.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra_buffers
+
+
+_llama_cpp_without_amx_buffers()
+
 # The shared data sets live beside the checkout (../shared/data); SLMKIT_DATA_DIR points elsewhere.
 DATA = Path(os.environ.get("SLMKIT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

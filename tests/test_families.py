@@ -473,3 +473,33 @@ def test_kv_cache_decoding_and_left_padded_batches_equal_the_full_forward_pass(f
     params = SamplingParams(max_new_tokens=12)
     alone = [Engine(model).generate([p], params)[0].tokens for p in prompts]
     assert [g.tokens for g in Engine(model).generate(prompts, params)] == alone
+
+
+# ExecuTorch exports take ~10 s each here: three families least like Llama run in every suite, the rest
+# with the slow checks (`make bench`).
+EXECUTORCH_EVERY_RUN = ("gemma2", "phi", "smollm3")
+
+
+@pytest.mark.parametrize("family", [k if k in EXECUTORCH_EVERY_RUN else pytest.param(k, marks=pytest.mark.slow)
+                                    for k in FAMILIES], indirect=True)
+def test_an_executorch_program_gives_our_logits_on_every_family(family, tmp_path):
+    """The fp32 .pte (static cache, custom SDPA or the masked path for windows and soft caps) against our
+    model, teacher-forced: a prompt read in one call, then token by token past the sliding window."""
+    from slmkit.interop.executorch import executorch_missing
+    from slmkit.jobs.export import ExecutorchJob, run_executorch
+
+    if executorch_missing():
+        pytest.skip(executorch_missing())
+    from slmkit.infer.executorch_runtime import ExecuTorchEngine
+
+    _kind, _hf, path = family
+    model = load(str(path), dtype=torch.float32).model
+    pte = run_executorch(ExecutorchJob(str(path), str(tmp_path / "m.pte"), "fp32", max_seq_len=2 * PROMPT),
+                         log=lambda *_: None)
+    engine = ExecuTorchEngine(pte)
+    ids = _ids(PROMPT + 8, 14)[0].tolist()
+    rows = [engine.forward(ids[:PROMPT], 0)[0]] + [engine.forward([t], i)[0] for i, t in enumerate(ids[PROMPT:], PROMPT)]
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids]))[0, PROMPT - 1:], -1)
+    # XNNPACK sums in its own order (and approximates GELU): log-probabilities of -10 to -20 agree to 5e-3
+    torch.testing.assert_close(torch.log_softmax(torch.stack(rows), -1), want, rtol=0, atol=5e-3)

@@ -229,6 +229,8 @@ LAZY = {
     "selenium": "the [test] extra", "openai": "the [test] extra", "sentencepiece": "the [test] extra",
     "torch.utils.tensorboard": "the [track] extra (tensorboard), only when train.loggers names it",
     "mlflow": "the [track] extra", "trackio": "the [track] extra",
+    "executorch": "the [executorch] extra; its exporter (executorch.exir, with torchao) takes 3 s and 136 MiB to import",
+    "litert_torch": "the [litert] extra (its own environment, .venv-litert)", "ai_edge_litert": "the [litert] extra",
 }
 
 

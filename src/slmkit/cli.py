@@ -96,6 +96,19 @@ VERBS = (
          description="Write MODEL as OUT/model.onnx (+ external weights), genai_config.json and the tokenizer, built "
          "by onnxruntime-genai's model builder (GroupQueryAttention with the KV cache, MatMulNBits weights). Load "
          "it with onnxruntime_genai.Model(OUT). Needs the [onnx] extra."),
+    Verb("export executorch", J + "export:ExecutorchJob", J + "export:run_executorch",
+         "an ExecuTorch program (.pte, XNNPACK: 8da4w / int8 / fp32) for Android, iOS and embedded Linux",
+         ("model", "out"),
+         description="Write MODEL as OUT.pte: traced with a static KV cache and ExecuTorch's custom SDPA, quantized "
+         "with ExecuTorch's TorchAO recipe and lowered to XNNPACK, with the constant methods its LLM runner reads; "
+         "the tokenizer and chat template go to OUT_tokenizer/. Run it with `slm generate OUT.pte` or ExecuTorch's "
+         "TextLLMRunner. Needs the [executorch] extra."),
+    Verb("export litert", J + "export:LitertJob", J + "export:run_litert",
+         "a LiteRT (TensorFlow Lite) file (int8 / int4 / fp32) for Android, iOS and embedded Linux", ("model", "out"),
+         description="Write MODEL as OUT.tflite through Google's converter (litert-torch): signatures prefill and "
+         "decode with the KV caches as inputs and outputs; the tokenizer and chat template go to OUT_tokenizer/. "
+         "Run it with `slm generate OUT.tflite` or LiteRT's Interpreter. Needs the [litert] extra, which conflicts "
+         "with the [test] extra (see the README)."),
     Verb("merge", J + "export:MergeJob", J + "export:run_merge",
          "fold an adapter into its base's weights (a quantized base is requantized)", ("base", "adapter"),
          description="Write BASE with ADAPTER folded into its weights: an HF directory (or a quantized checkpoint "

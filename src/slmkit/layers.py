@@ -28,17 +28,24 @@ UPCAST_MIN_ROWS = 4  # below this a bf16 GEMV is memory-bound and fastest as it 
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read): machines of one
+    kind differ (AVX2 only, AVX-512 with bf16, AMX), so features are read at run time, never assumed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 GEMMs are fast --
     unless PyTorch is held to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 or default), as on a CPU without them."""
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 class UpcastLinear(nn.Linear):

@@ -82,7 +82,7 @@ def resolve(spec: str) -> Path | str:
         return path
     if spec.lower() in BUNDLED:
         return bundled_gguf()
-    if "/" in spec or spec.endswith((".gguf", ".safetensors")):
+    if "/" in spec or spec.endswith((".gguf", ".safetensors", ".pte", ".tflite")):
         raise SlmError(f"model file '{spec}' not found")
     get_preset(spec)  # raises with close names when unknown
     return spec.lower()

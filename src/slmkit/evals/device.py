@@ -27,6 +27,8 @@ from slmkit.compress.quant.qlinear import weight_count
 from slmkit.config import from_dict
 from slmkit.errors import SlmError
 from slmkit.infer.engine import Engine
+from slmkit.infer.executorch_runtime import ExecuTorchEngine, is_pte
+from slmkit.infer.litert_runtime import LiteRTEngine, is_tflite
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, gguf_kind, runtime_files
 from slmkit.infer.onnx_runtime import OnnxEngine, is_onnx_dir
 from slmkit.infer.sampling import SamplingParams
@@ -89,6 +91,8 @@ def measure_here(spec: str, settings: BenchSettings) -> ModelBench:
     started = time.perf_counter()
     if is_onnx_dir(spec):  # an `slm export onnx` directory runs on onnxruntime-genai, whatever --engine says
         engine, result = _onnx_engine(spec, settings)
+    elif is_pte(spec) or is_tflite(spec):  # a phone export runs on its own runtime, whatever --engine says
+        engine, result = _phone_engine(spec, settings)
     elif choose_engine(settings.runtime.engine, spec) == "llamacpp":
         engine, result = _llamacpp_engine(spec, settings)
     else:
@@ -129,8 +133,10 @@ def _llamacpp_engine(spec: str, settings: BenchSettings):
     every row of the largest batch."""
     r = settings.runtime
     files = runtime_files(spec, r.gguf_type, progress=lambda m: print(m, file=sys.stderr))
-    engine = LlamaCppEngine.for_files(files, settings.prompt_tokens + settings.new_tokens, r.threads,
-                                      sequences=max(settings.batches))
+    # the context asked for (--context: e.g. the cache an exported phone file holds, for the same memory),
+    # else just room for the prompt and the new tokens
+    context = max(r.context or 0, settings.prompt_tokens + settings.new_tokens)
+    engine = LlamaCppEngine.for_files(files, context, r.threads, sequences=max(settings.batches))
     return engine, ModelBench(spec, engine.parameters, files.file_bytes / 2**20, 0.0, 0.0,
                               gguf_kind(files.gguf, r.gguf_type), r.threads or torch.get_num_threads(), engine="llamacpp")
 
@@ -139,10 +145,20 @@ def _onnx_engine(spec: str, settings: BenchSettings):
     """onnxruntime-genai on an exported directory: batch 1 only (its Generator runs one sequence here)."""
     if settings.batches != (1,):
         raise SlmError(f"'{spec}' is an ONNX Runtime GenAI directory, measured at batch 1 only; drop --batch")
-    engine = OnnxEngine(spec, settings.prompt_tokens + settings.new_tokens)
+    engine = OnnxEngine(spec, settings.prompt_tokens + settings.new_tokens, settings.runtime.threads)
     return engine, ModelBench(spec, count_params(engine.config).total, engine.file_bytes() / 2**20, 0.0, 0.0,
-                              f"onnx-{engine.precision}",
-                              torch.get_num_threads(), engine="onnx")
+                              f"onnx-{engine.precision}", engine.threads, engine="onnx")
+
+
+def _phone_engine(spec: str, settings: BenchSettings):
+    """ExecuTorch (.pte) or LiteRT (.tflite) on an exported file: batch 1 only (its cache holds one sequence)."""
+    runtime = "executorch" if is_pte(spec) else "litert"
+    if settings.batches != (1,):
+        raise SlmError(f"'{spec}' is a {runtime} file, measured at batch 1 only; drop --batch")
+    kind = ExecuTorchEngine if runtime == "executorch" else LiteRTEngine
+    engine = kind(spec, settings.prompt_tokens + settings.new_tokens, settings.runtime.threads)
+    return engine, ModelBench(spec, count_params(engine.config).total, engine.file_bytes() / 2**20, 0.0, 0.0,
+                              f"{runtime}-{engine.precision}", engine.threads, engine=runtime)
 
 
 def peak_rss_mib() -> float:

@@ -39,6 +39,7 @@ from slmkit.interop.gguf import check_exportable, open_gguf, read_config, read_t
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import config_to_hf, read_hf_config
 from slmkit.interop.peft import is_adapter_dir, read_adapter
+from slmkit.layers import cpu_flags
 from slmkit.load import find_base, inspect, load, resolve
 from slmkit.rope import rope_type
 from slmkit.runtime import RUNTIME_GGUF_TYPES
@@ -229,6 +230,10 @@ class LlamaCppEngine:
         self.config, self.sequences, self.batch_tokens = config, sequences, batch_tokens
         model_params = llama_cpp.llama_model_default_params()
         model_params.progress_callback = _SILENT_PROGRESS  # llama.cpp prints a dot per tensor otherwise
+        # llama.cpp's AMX buffer type (an "extra" one) crashes its worker threads on AMX CPUs (the tile
+        # data permission is asked for on the main thread only: ggml-org/llama.cpp#20824, #26954); there
+        # the weights stay in plain CPU buffers, everywhere else they are repacked for speed as usual
+        model_params.use_extra_bufts = "amx_int8" not in cpu_flags()
         self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params)
         if not self._model:
             raise SlmError(f"llama.cpp could not load '{gguf}'")

@@ -1,5 +1,5 @@
-"""`slm export gguf`, `slm export gguf-lora`, `slm export ollama`, `slm export onnx`, `slm convert` and `slm merge`
-as jobs."""
+"""`slm export gguf`, `slm export gguf-lora`, `slm export ollama`, `slm export onnx`, `slm export executorch`,
+`slm export litert`, `slm convert` and `slm merge` as jobs."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ import torch
 
 from slmkit.adapters.merge import merge_adapters
 from slmkit.compress.lowrank import densify
+from slmkit.compress.quant.qlinear import quantized_modules
 from slmkit.errors import SlmError
 from slmkit.fileio import dir_bytes, write_text
 from slmkit.generate import stop_token_ids
+from slmkit.interop.executorch import (
+    DEFAULT_MAX_SEQ_LEN,
+    EXECUTORCH_PRECISIONS,
+    check_executorch_target,
+    write_executorch,
+)
 from slmkit.interop.gguf import write_gguf
 from slmkit.interop.gguf_lora import write_gguf_lora
 from slmkit.interop.hf import save_checkpoint, save_hf
+from slmkit.interop.litert import DEFAULT_MAX_SEQ_LEN as LITERT_MAX_SEQ_LEN
+from slmkit.interop.litert import LITERT_PRECISIONS, check_litert_target, write_litert
 from slmkit.interop.modelfile import chat_format, modelfile
 from slmkit.interop.onnx import ONNX_PRECISIONS, check_onnx_target, write_onnx
 from slmkit.interop.peft import is_adapter_dir
+from slmkit.interop.phone import sidecar_dir
 from slmkit.jobs.compress import Log, load_whole
 from slmkit.load import load
 from slmkit.runtime import GGUF_TYPES, SAVE_DTYPES
@@ -142,6 +152,71 @@ def run_onnx(job: OnnxJob, log: Log = print) -> Path:
     log(f"wrote {out} ({dir_bytes(out) / 2**20:.1f} MiB, {job.precision}); "
         f"run it with onnxruntime_genai.Model('{out}')")
     return out
+
+
+@dataclass
+class ExecutorchJob:
+    model: str = ""
+    """the MODEL to write (an adapter directory is merged into its base, a factorized model densified)"""
+    out: str = ""
+    """OUT.pte (the tokenizer, chat template and architecture go to OUT_tokenizer/ beside it)"""
+    precision: str = field(default="8da4w", metadata={"choices": EXECUTORCH_PRECISIONS})
+    """weights: 8da4w (int8 dynamic activations x int4 weights in groups of 32, 4-bit embedding), int8 (int8 dynamic activations x int8 per-channel weights, 8-bit embedding) or fp32"""
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    """tokens the static KV cache holds (prompt + answer); memory grows with it"""
+    force: bool = False
+    """replace OUT.pte (and OUT_tokenizer/) if they exist"""
+
+
+def run_executorch(job: ExecutorchJob, log: Log = print) -> Path:
+    """OUT.pte as an ExecuTorch XNNPACK program; refused before loading anything ExecuTorch cannot take."""
+    if not job.model or not job.out:
+        raise SlmError("give the MODEL to write and the program to write: slm export executorch MODEL OUT.pte")
+    check_executorch_target(job.out, job.force)  # before the model loads
+    model, tokenizer = _float_model(job.model, log)
+    out = write_executorch(model, tokenizer, job.out, job.precision, job.max_seq_len, job.force, log)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {job.precision}) and {sidecar_dir(out).name}/; "
+        f"run it with `slm generate {out}` or ExecuTorch's TextLLMRunner('{out}', "
+        f"'{sidecar_dir(out) / 'tokenizer.json'}')")
+    return out
+
+
+@dataclass
+class LitertJob:
+    model: str = ""
+    """the MODEL to write (an adapter directory is merged into its base, a factorized model densified)"""
+    out: str = ""
+    """OUT.tflite (the tokenizer, chat template and architecture go to OUT_tokenizer/ beside it)"""
+    precision: str = field(default="int8", metadata={"choices": LITERT_PRECISIONS})
+    """weights: int8 (per channel, activations quantized at run time), int4 (blocks of 32, int8 activations) or fp32"""
+    max_seq_len: int = LITERT_MAX_SEQ_LEN
+    """tokens the caches hold (prompt + answer); each call passes them in and out, so keep it to what you need"""
+    force: bool = False
+    """replace OUT.tflite (and OUT_tokenizer/) if they exist"""
+
+
+def run_litert(job: LitertJob, log: Log = print) -> Path:
+    """OUT.tflite through litert-torch; refused before loading anything LiteRT cannot take."""
+    if not job.model or not job.out:
+        raise SlmError("give the MODEL to write and the file to write: slm export litert MODEL OUT.tflite")
+    check_litert_target(job.out, job.force)
+    model, tokenizer = _float_model(job.model, log)
+    out = write_litert(model, tokenizer, job.out, job.precision, job.max_seq_len, job.force, log)
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {job.precision}) and {sidecar_dir(out).name}/; "
+        f"run it with `slm generate {out}` or LiteRT's Interpreter (signatures prefill and decode)")
+    return out
+
+
+def _float_model(spec: str, log: Log):
+    """MODEL as one float model a phone exporter quantizes itself: adapters merged, factors densified,
+    a quantized checkpoint refused (quantizing twice compounds the error)."""
+    loaded = load_whole(spec, log)
+    if quantized_modules(loaded.model):
+        raise SlmError(f"'{spec}' is quantized; export its float model and let --precision quantize it with the "
+                       "runtime's own recipe (quantizing twice compounds the error)")
+    if loaded.model.config.lowrank:
+        log(f"densified {densify(loaded.model)} factorized linears")
+    return loaded.model, loaded.tokenizer
 
 
 def _adapter(path: str, base: str | None):

@@ -17,6 +17,8 @@ from slmkit.errors import SlmError
 from slmkit.generate import TextGenerator
 from slmkit.infer.constrain import OutputFormat
 from slmkit.infer.engine import Engine
+from slmkit.infer.executorch_runtime import ExecuTorchEngine, is_pte
+from slmkit.infer.litert_runtime import LiteRTEngine, is_tflite
 from slmkit.infer.llamacpp import LlamaCppEngine, choose_engine, runtime_files
 from slmkit.infer.onnx_runtime import OnnxEngine, is_onnx_dir
 from slmkit.infer.sampling import SamplingParams
@@ -98,11 +100,15 @@ def load_generator(model: str, runtime: Runtime, decoding: Decoding | None = Non
     use_threads(runtime.threads)
     speculate = speculate_spec(decoding.speculate)
     torch_only = [flag for flag, on in (("--compile", decoding.compile), ("--speculate", decoding.speculate)) if on]
-    if is_onnx_dir(model):  # an `slm export onnx` directory runs on its own runtime
+    if is_onnx_dir(model) or is_pte(model) or is_tflite(model):  # an exported program runs on its own runtime
         if torch_only or runtime.engine != "auto":
-            raise SlmError(f"'{model}' is an ONNX Runtime GenAI directory; it runs on onnxruntime-genai only "
+            raise SlmError(f"'{model}' is an exported program; it runs on its own runtime only "
                            f"(drop {(torch_only or ['--engine ' + runtime.engine])[0]})")
-        return Path(model).name, TextGenerator(None, Tokenizer.from_dir(model), engine=OnnxEngine(model, runtime.context))
+        if is_pte(model) or is_tflite(model):
+            engine = (ExecuTorchEngine if is_pte(model) else LiteRTEngine)(model, runtime.context, runtime.threads)
+            return Path(model).name, TextGenerator(None, Tokenizer.from_dir(engine.tokenizer_dir), engine=engine)
+        engine = OnnxEngine(model, runtime.context, runtime.threads)
+        return Path(model).name, TextGenerator(None, Tokenizer.from_dir(model), engine=engine)
     if choose_engine(runtime.engine, model, torch_only) == "llamacpp":
         files = runtime_files(model, runtime.gguf_type, progress=_stderr)
         engine = LlamaCppEngine.for_files(files, runtime.context, threads=runtime.threads)

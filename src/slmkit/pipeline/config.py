@@ -21,7 +21,7 @@ from slmkit.data.prepare import PrepareConfig
 from slmkit.evals.device import BenchSettings
 from slmkit.jobs.compress import LowRankJob, PruneJob, QuantizeJob
 from slmkit.jobs.evaluate import EvalJob
-from slmkit.jobs.export import GgufJob
+from slmkit.jobs.export import ExecutorchJob, GgufJob, LitertJob, OnnxJob
 from slmkit.presets import DEFAULT_MODEL
 from slmkit.train.adapt import FinetuneConfig
 from slmkit.train.distill import DistillConfig
@@ -72,6 +72,12 @@ class ExportStage:
     """run the final GGUF in llama.cpp: score the task and measure speed (a row of its own in the report)"""
     answers: int = 3
     """held-out task prompts answered by the final GGUF and shown in the report (0 = none)"""
+    executorch: ExecutorchJob | None = None
+    """also the final model as an ExecuTorch program for phones ({precision: 8da4w}; model and out are set by the pipeline), timed in a report row of its own; null = none"""
+    onnx: OnnxJob | None = None
+    """also the final model as an ONNX Runtime GenAI directory ({precision: int4}; model and out are set by the pipeline), timed in a report row of its own; null = none"""
+    litert: LitertJob | None = None
+    """also the final model as a LiteRT file ({precision: int8}; model and out are set by the pipeline), timed in a report row of its own; null = none"""
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The export stage: the final model as an HF directory (with a model card), as one GGUF, and --
-when fine-tuning made an adapter -- as its base's GGUF plus a llama.cpp LoRA file. Then proof that
-the files run: the final GGUF is scored on the task and timed in llama.cpp (a report row of its
-own), and a few held-out questions are answered by it and by base + adapter in llama.cpp.
+when fine-tuning made an adapter -- as its base's GGUF plus a llama.cpp LoRA file; optionally also
+as an ExecuTorch program and an ONNX Runtime GenAI directory. Then proof that the files run: the
+final GGUF is scored on the task and timed in llama.cpp (a report row of its own), the phone
+exports are timed on their own runtimes (a row each), and a few held-out questions are answered by
+the GGUF and by base + adapter in llama.cpp.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from slmkit.infer.llamacpp import LlamaCppEngine, runtime_files
 from slmkit.infer.sampling import SamplingParams
 from slmkit.interop.peft import is_adapter_dir, read_adapter
 from slmkit.jobs.evaluate import run_eval
-from slmkit.jobs.export import GgufJob, GgufLoraJob, run_gguf, run_gguf_lora, save_whole
+from slmkit.jobs.export import (
+    GgufJob,
+    GgufLoraJob,
+    run_executorch,
+    run_gguf,
+    run_gguf_lora,
+    run_litert,
+    run_onnx,
+    save_whole,
+)
 from slmkit.load import find_base, load
 from slmkit.pipeline.config import EvaluateStage, ExportStage
 from slmkit.pipeline.measure import speed_cells, task_cells
@@ -42,7 +53,24 @@ def export_files(final: str, finetune_dir: str | None, cfg: ExportStage, name: s
     outputs["gguf"] = str(run_gguf(gguf, log))
     if cfg.adapter and finetune_dir and is_adapter_dir(Path(finetune_dir)):
         outputs.update(_adapter_files(finetune_dir, cfg, name, out, log))
+    phones = {"executorch": (run_executorch, ".pte"), "onnx": (run_onnx, ""), "litert": (run_litert, ".tflite")}
+    for key, (run, suffix) in phones.items():
+        job = getattr(cfg, key)
+        if job is not None:  # force: a resumed stage writes its files again
+            target = out / f"{name}-{key}-{job.precision}{suffix}"
+            outputs[key] = str(run(dataclasses.replace(job, model=final, out=str(target), force=True), log))
     return outputs
+
+
+def phone_rows(outputs: dict, cfg: ExportStage, evaluate: EvaluateStage | None, stage: str) -> list[dict]:
+    """A report row per phone export, timed on its own runtime at batch 1 (`slm bench` on the file)."""
+    if evaluate is None or evaluate.bench is None:
+        return []
+    runtime = dataclasses.replace(evaluate.bench.runtime, engine="auto")
+    bench = dataclasses.replace(evaluate.bench, batches=(1,), runtime=runtime)
+    names = {"executorch": "ExecuTorch", "onnx": "ONNX Runtime GenAI", "litert": "LiteRT"}
+    return [{"stage": f"{stage} ({names[key]} {getattr(cfg, key).precision})", "model": outputs[key],
+             **speed_cells(outputs[key], bench)} for key in names if outputs.get(key)]
 
 
 def _adapter_files(adapter: str, cfg: ExportStage, name: str, out: Path, log: Log) -> dict:

@@ -109,7 +109,8 @@ def _forced(kind: str, options: PipelineJob) -> bool:
 
 
 def _rows(done: list[Done]) -> list[dict]:
-    """The report's rows: each evaluated model (with its producing stage's wall time), then the GGUF."""
+    """The report's rows: each evaluated model (with its producing stage's wall time), then the GGUF and
+    the phone exports."""
     wall = {stage_name(d.kind): d.wall_s for d in done}
     rows = []
     for d in done:
@@ -117,6 +118,8 @@ def _rows(done: list[Done]) -> list[dict]:
             rows += [{**r, "wall_s": wall.get(r["stage"])} for r in d.outputs["rows"]]
         if d.kind == "export" and d.outputs.get("row"):
             rows.append({**d.outputs["row"], "wall_s": d.wall_s})
+        if d.kind == "export":
+            rows += d.outputs.get("phone_rows", [])
     return rows
 
 

@@ -329,7 +329,8 @@ class Export(Stage):
                                                 stage_name(self.kind))
         if not answers:  # llama.cpp is not installed (or the check is off): the torch engine answers
             answers = deploy.answers_in_torch(config.final, config.task, cfg.answers)
-        return {**outputs, "row": row, "answers": answers}
+        phones = deploy.phone_rows(outputs, cfg, flow.cfg.evaluate, stage_name(self.kind))
+        return {**outputs, "row": row, "phone_rows": phones, "answers": answers}
 
 
 class Serve(Stage):
